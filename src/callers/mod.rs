@@ -1,0 +1,1 @@
+//! Caller authentication (JWT) and per-service policy.

@@ -1,0 +1,1 @@
+//! finX simulator: a strict, scriptable stand-in for the finX API (see README "Simulator").

@@ -1,0 +1,1 @@
+//! AEAD encryption of tokens at rest.

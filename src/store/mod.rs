@@ -1,0 +1,201 @@
+//! Durable storage of finX connections: the refresh token, the latest access token and the
+//! connection's status, every token AEAD-encrypted at rest.
+//!
+//! One [`TokenStore`] trait; embedded SQLite is the default implementation. Writes that matter
+//! for invariant 3 ("persist before use") return only after the data is durable.
+
+pub mod crypto;
+pub mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+use crate::clock::UnixSeconds;
+
+/// Identifies one finX connection: an ongoing user (`user_id`) or a one-time flow (`flow:<id>`).
+///
+/// User ids are validated by [`ConnectionKey::user`] so they can never contain `:`, which keeps
+/// the two namespaces apart.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionKey(Arc<str>);
+
+/// Why a user or flow id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -")]
+pub struct InvalidId;
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'))
+}
+
+impl ConnectionKey {
+    /// The connection of an ongoing user.
+    pub fn user(user_id: &str) -> Result<Self, InvalidId> {
+        if valid_id(user_id) {
+            Ok(Self(Arc::from(user_id)))
+        } else {
+            Err(InvalidId)
+        }
+    }
+
+    /// The connection of a one-time flow.
+    pub fn flow(flow_id: &str) -> Result<Self, InvalidId> {
+        if valid_id(flow_id) {
+            Ok(Self(Arc::from(format!("flow:{flow_id}"))))
+        } else {
+            Err(InvalidId)
+        }
+    }
+
+    /// Rebuilds a key from its stored form (`user_id` or `flow:<id>`).
+    pub fn from_stored(stored: &str) -> Result<Self, InvalidId> {
+        match stored.strip_prefix("flow:") {
+            Some(flow_id) => Self::flow(flow_id),
+            None => Self::user(stored),
+        }
+    }
+
+    /// The stored form, also used in logs (a key is not a secret).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ConnectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lifecycle state of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    /// Usable: its refresh token is believed valid.
+    Active,
+    /// finX answered `invalid_grant`: the user must consent again. finX is not asked again.
+    ReauthRequired,
+    /// Removed on purpose (revoked by an operator or the user).
+    Revoked,
+}
+
+impl ConnectionStatus {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::ReauthRequired => "reauth_required",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "reauth_required" => Some(Self::ReauthRequired),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// An access token with its absolute expiry.
+#[derive(Debug, Clone)]
+pub struct AccessToken {
+    pub token: SecretString,
+    pub expires_at: UnixSeconds,
+}
+
+/// What a successful `/auth/token` answer gives us.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub access: AccessToken,
+    /// The rotated refresh token; `None` when finX omitted it (the old one stays valid).
+    pub refresh_token: Option<SecretString>,
+    pub scope: Option<String>,
+}
+
+/// A stored connection, decrypted.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub key: ConnectionKey,
+    pub status: ConnectionStatus,
+    pub refresh_token: SecretString,
+    pub access: Option<AccessToken>,
+    pub scope: Option<String>,
+    /// Incremented by every write; the compare-and-swap token for [`TokenStore::commit_refresh`].
+    pub version: i64,
+    pub created_at: UnixSeconds,
+    pub refreshed_at: Option<UnixSeconds>,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be read or written (I/O, locked, gone).
+    #[error("token store unavailable: {0}")]
+    Unavailable(String),
+    /// A row failed to decrypt or parse (tampered, or written with another key). Only this
+    /// connection is affected.
+    #[error("stored connection {0} is unreadable (tampered or encrypted with another key)")]
+    Corrupt(ConnectionKey),
+    /// `expected_version` no longer matches: someone else wrote the row first.
+    #[error("stored connection {0} changed concurrently")]
+    Conflict(ConnectionKey),
+    /// No such connection.
+    #[error("no stored connection {0}")]
+    NotFound(ConnectionKey),
+}
+
+/// Durable, encrypted storage of connections.
+///
+/// Every method that writes returns only after the write is durable (fsync / commit).
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Reads and decrypts one connection.
+    async fn load(&self, key: &ConnectionKey) -> Result<Option<Connection>, StoreError>;
+
+    /// Stores a freshly consented grant (import, code exchange), creating the connection or
+    /// replacing whatever it held; the status becomes `active`. `grant.refresh_token` must be set.
+    async fn put_grant(
+        &self,
+        key: &ConnectionKey,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError>;
+
+    /// Commits the result of a refresh if the row still has `expected_version`: the new access
+    /// token always, the rotated refresh token when present (else the old one is kept).
+    /// Fails with [`StoreError::Conflict`] when the version moved.
+    async fn commit_refresh(
+        &self,
+        key: &ConnectionKey,
+        expected_version: i64,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError>;
+
+    /// Sets the status (`reauth_required` after `invalid_grant`, `revoked` by an operator).
+    async fn set_status(
+        &self,
+        key: &ConnectionKey,
+        status: ConnectionStatus,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a connection; `false` when there was none.
+    async fn delete(&self, key: &ConnectionKey) -> Result<bool, StoreError>;
+}
