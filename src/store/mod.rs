@@ -128,6 +128,24 @@ pub struct TokenGrant {
     pub scope: Option<String>,
 }
 
+/// A connection to create or replace from a new consent (or an operator's import).
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub refresh_token: SecretString,
+    pub access: Option<AccessToken>,
+    pub scope: Option<String>,
+}
+
+/// A connection's metadata, never its tokens.
+#[derive(Debug, Clone)]
+pub struct ConnectionSummary {
+    pub key: ConnectionKey,
+    pub status: ConnectionStatus,
+    pub version: i64,
+    pub created_at: UnixSeconds,
+    pub refreshed_at: Option<UnixSeconds>,
+}
+
 /// A stored connection, decrypted.
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -169,11 +187,11 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn load(&self, key: &ConnectionKey) -> Result<Option<Connection>, StoreError>;
 
     /// Stores a freshly consented grant (import, code exchange), creating the connection or
-    /// replacing whatever it held; the status becomes `active`. `grant.refresh_token` must be set.
-    async fn put_grant(
+    /// replacing whatever it held; the status becomes `active` and the version moves on.
+    async fn put_connection(
         &self,
         key: &ConnectionKey,
-        grant: &TokenGrant,
+        new: &NewConnection,
         now: UnixSeconds,
     ) -> Result<Connection, StoreError>;
 
@@ -198,4 +216,7 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Deletes a connection; `false` when there was none.
     async fn delete(&self, key: &ConnectionKey) -> Result<bool, StoreError>;
+
+    /// Every connection's metadata, without tokens (for operators).
+    async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError>;
 }
