@@ -1,9 +1,245 @@
 //! finx-gateway: a pingora sidecar that authenticates internal callers, picks the end user's finX
 //! connection, injects a fresh credential and forwards to finX.
 //!
-//! `main.rs` is a thin CLI; everything tests and benches need is reachable from here.
+//! `main.rs` is a thin CLI; everything tests, benches and the demo need is reachable from here:
+//! [`open_store`] and [`build_server`] build the pieces, [`RunningGateway`] runs them on a
+//! thread of its own and stops them again.
 
 pub mod callers;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod proxy;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
+pub mod tokens;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use http::HeaderValue;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use secrecy::ExposeSecret;
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::proxy::FinxProxy;
+use crate::store::crypto::EncryptionKey;
+use crate::store::sqlite::SqliteStore;
+use crate::store::TokenStore;
+use crate::tokens::{TokenClient, TokenManager};
+
+/// Why the gateway could not start. Messages never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("encryption key: {0}")]
+    Key(String),
+    #[error("token store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Opens the configured token store; a key that does not match the store refuses to open.
+pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
+    let key = EncryptionKey::from_base64(config.store.encryption_key.expose_secret())
+        .map_err(|e| StartError::Key(e.to_string()))?;
+    let store = SqliteStore::open(&config.store.path, key).map_err(|e| StartError::Store(e.to_string()))?;
+    Ok(Arc::new(store))
+}
+
+/// The token manager for `config`, over `store`.
+pub fn build_token_manager(
+    config: &Config,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<TokenManager, StartError> {
+    let client = TokenClient::new(
+        &config.upstream.base_url,
+        &config.client.id,
+        config.client.secret.clone(),
+        config.upstream.connect_timeout,
+        config.upstream.token_timeout,
+    )
+    .map_err(|e| StartError::Setup(format!("HTTP client for the token endpoint: {e}")))?;
+    Ok(TokenManager::new(
+        store,
+        client,
+        clock,
+        config.tokens.refresh_skew,
+        config.tokens.cache_capacity,
+    ))
+}
+
+/// Builds the pingora server with the proxy service listening on `config.listen`.
+pub fn build_server(config: &Config, tokens: TokenManager) -> Result<Server, StartError> {
+    let mut server_conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: config.upstream.pool_size,
+        ..ServerConf::default()
+    };
+    server_conf.work_stealing = true;
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+
+    let upstream = &config.upstream;
+    let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
+    peer.options.connection_timeout = Some(upstream.connect_timeout);
+    peer.options.read_timeout = Some(upstream.read_timeout);
+    peer.options.write_timeout = Some(upstream.read_timeout);
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
+
+    let host = HeaderValue::try_from(upstream.host_header.as_str())
+        .map_err(|_| StartError::Setup("upstream host is not a valid Host header".into()))?;
+    let credentials = format!("{}:{}", config.client.id, config.client.secret.expose_secret());
+    let mut client_basic = HeaderValue::try_from(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    ))
+    .map_err(|_| StartError::Setup("client id cannot be sent in a header".into()))?;
+    client_basic.set_sensitive(true);
+
+    let proxy = FinxProxy::new(
+        tokens,
+        peer,
+        host,
+        upstream.path_prefix.clone(),
+        client_basic,
+        config.routing.user_header.clone(),
+        config.routing.flow_header.clone(),
+    );
+    let mut service = http_proxy_service_with_name(&server.configuration, proxy, "finx-gateway");
+    service.add_tcp(&config.listen.to_string());
+    server.add_service(service);
+    Ok(server)
+}
+
+/// Stops a server started by [`RunningGateway::start`] when its sender fires or is dropped.
+struct ChannelShutdown(Mutex<Option<oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let receiver = self.0.lock().ok().and_then(|mut r| r.take());
+        if let Some(receiver) = receiver {
+            let _ = receiver.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A gateway running on a thread of its own (pingora builds its own runtimes), as tests, the
+/// demo and the benches use it. Dropping it stops the server.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    tokens: TokenManager,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Starts the gateway for `config` over `store`. A listener port of 0 is replaced by a free
+    /// port; returns once the listener accepts connections.
+    pub fn start(
+        mut config: Config,
+        store: Arc<dyn TokenStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartError> {
+        if config.listen.port() == 0 {
+            config.listen = reserve_port(config.listen.ip())?;
+        }
+        let tokens = build_token_manager(&config, store, clock)?;
+        let server = build_server(&config, tokens.clone())?;
+        let (shutdown, receiver) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("finx-gateway".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelShutdown(Mutex::new(Some(receiver)))),
+                })
+            })
+            .map_err(|e| StartError::Setup(format!("cannot start server thread: {e}")))?;
+        let running = Self {
+            addr: config.listen,
+            tokens,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        };
+        wait_until_accepting(running.addr, Duration::from_secs(10))?;
+        Ok(running)
+    }
+
+    /// Where the gateway listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ip:port`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The gateway's token manager (for benches and metrics).
+    pub fn tokens(&self) -> &TokenManager {
+        &self.tokens
+    }
+
+    /// Stops the server and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Finds a free port by binding port 0 and releasing it: pingora's listener cannot report the
+/// port it got.
+pub fn reserve_port(ip: std::net::IpAddr) -> Result<SocketAddr, StartError> {
+    TcpListener::bind((ip, 0))
+        .and_then(|listener| listener.local_addr())
+        .map_err(|e| StartError::Setup(format!("cannot reserve a port on {ip}: {e}")))
+}
+
+/// Polls `addr` until it accepts a TCP connection or `deadline` passes.
+pub fn wait_until_accepting(addr: SocketAddr, deadline: Duration) -> Result<(), StartError> {
+    let until = Instant::now() + deadline;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(StartError::Setup(format!(
+                "gateway did not accept connections on {addr} within {deadline:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

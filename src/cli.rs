@@ -1,0 +1,196 @@
+//! The command line: `serve`, `check-config`, `sim`, `demo`, `connections`, `key`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::store::crypto::EncryptionKey;
+use crate::store::{ConnectionKey, NewConnection, TokenStore};
+
+/// finx-gateway: a pingora sidecar that injects per-user finX bearer tokens.
+#[derive(Parser, Debug)]
+#[command(name = "finx-gateway", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file, reporting every problem; non-zero exit when there is one.
+    CheckConfig {
+        /// The TOML config file.
+        config: PathBuf,
+    },
+    /// Run the finX simulator.
+    Sim(crate::sim::SimArgs),
+    /// Start the simulator and the gateway on loopback with a throwaway store and print curl
+    /// commands to try; runs until Ctrl-C.
+    Demo(crate::demo::DemoArgs),
+    /// Manage stored connections.
+    #[command(subcommand)]
+    Connections(ConnectionsCommand),
+    /// Encryption keys for the token store.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `connections …`
+#[derive(Subcommand, Debug)]
+pub enum ConnectionsCommand {
+    /// Store a refresh token read from stdin for a user (or a one-time flow).
+    Import {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The user id the connection belongs to.
+        #[arg(long, conflicts_with = "flow", required_unless_present = "flow")]
+        user: Option<String>,
+        /// The one-time flow id the connection belongs to.
+        #[arg(long)]
+        flow: Option<String>,
+    },
+    /// List stored connections (never their tokens).
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// `key …`
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Print a new random store encryption key (base64) to stdout.
+    Generate,
+}
+
+/// Parses the process arguments and runs the command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Sim(args) => crate::sim::run(args).map_err(|e| e.to_string()),
+        Command::Demo(args) => crate::demo::run(args),
+        Command::Connections(ConnectionsCommand::Import { config, user, flow }) => {
+            let key = match (user, flow) {
+                (Some(user), _) => ConnectionKey::user(&user),
+                (None, Some(flow)) => ConnectionKey::flow(&flow),
+                (None, None) => return Err("--user or --flow is required".into()),
+            }
+            .map_err(|e| e.to_string())?;
+            import(&config, key)
+        }
+        Command::Connections(ConnectionsCommand::List { config }) => list(&config),
+        Command::Key(KeyCommand::Generate) => {
+            println!("{}", EncryptionKey::generate().to_base64().expose_secret());
+            Ok(())
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, String> {
+    Config::load(path).map_err(|e| e.to_string())
+}
+
+fn serve(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    crate::telemetry::init(&config.telemetry);
+    let store = crate::open_store(&config).map_err(|e| e.to_string())?;
+    let tokens = crate::build_token_manager(&config, store, Arc::new(SystemClock))
+        .map_err(|e| e.to_string())?;
+    let server = crate::build_server(&config, tokens).map_err(|e| e.to_string())?;
+    tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, "finx-gateway serving");
+    server.run_forever()
+}
+
+fn check_config(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    EncryptionKey::from_base64(config.store.encryption_key.expose_secret())
+        .map_err(|e| format!("1 configuration error(s):\n  - store.encryption_key: {e}"))?;
+    println!(
+        "{}: OK (listen {}, upstream {}, store {})",
+        path.display(),
+        config.listen,
+        config.upstream.base_url,
+        config.store.path.display()
+    );
+    Ok(())
+}
+
+fn with_store<T>(
+    path: &Path,
+    work: impl AsyncFnOnce(Arc<dyn TokenStore>) -> Result<T, String>,
+) -> Result<T, String> {
+    let config = load(path)?;
+    let store = crate::open_store(&config).map_err(|e| e.to_string())?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(work(store))
+}
+
+fn import(path: &Path, key: ConnectionKey) -> Result<(), String> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read the refresh token from stdin: {e}"))?;
+    let refresh_token = input.trim();
+    if refresh_token.is_empty() || refresh_token.chars().any(char::is_whitespace) {
+        return Err("stdin must hold exactly one refresh token".into());
+    }
+    let new = NewConnection {
+        refresh_token: SecretString::from(refresh_token.to_owned()),
+        access: None,
+        scope: None,
+    };
+    with_store(path, async |store| {
+        let stored = store
+            .put_connection(&key, &new, SystemClock.now())
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("stored connection {} (version {})", stored.key, stored.version);
+        Ok(())
+    })
+}
+
+fn list(path: &Path) -> Result<(), String> {
+    with_store(path, async |store| {
+        let connections = store.list().await.map_err(|e| e.to_string())?;
+        println!("{:<40} {:<16} {:>8} {:>12} {:>12}", "connection", "status", "version", "created", "refreshed");
+        for c in connections {
+            println!(
+                "{:<40} {:<16} {:>8} {:>12} {:>12}",
+                c.key.as_str(),
+                c.status.as_str(),
+                c.version,
+                c.created_at,
+                c.refreshed_at.map_or("-".to_owned(), |t| t.to_string())
+            );
+        }
+        Ok(())
+    })
+}

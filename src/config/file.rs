@@ -1,0 +1,103 @@
+//! The config file as written by operators (TOML, snake_case keys). Everything optional here
+//! gets its default in validation (`super::Config::from_file`); unknown keys are errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::secret::SecretRef;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub listener: ListenerFile,
+    #[serde(default)]
+    pub upstream: UpstreamFile,
+    #[serde(default)]
+    pub client: ClientFile,
+    #[serde(default)]
+    pub store: StoreFile,
+    #[serde(default)]
+    pub tokens: TokensFile,
+    #[serde(default)]
+    pub routing: RoutingFile,
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+    #[serde(default)]
+    pub server: ServerFile,
+}
+
+/// `[listener]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub address: Option<String>,
+}
+
+/// `[upstream]`: where finX is and how to talk to it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub base_url: Option<String>,
+    pub allow_insecure_http: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub token_timeout: Option<Duration>,
+    pub pool_size: Option<usize>,
+}
+
+/// `[client]`: the finX client credentials.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub id: Option<String>,
+    pub secret: Option<SecretRef>,
+}
+
+/// `[store]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub path: Option<PathBuf>,
+    pub encryption_key: Option<SecretRef>,
+}
+
+/// `[tokens]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    #[serde(default, with = "humantime_serde")]
+    pub refresh_skew: Option<Duration>,
+    pub cache_capacity: Option<u64>,
+}
+
+/// `[routing]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingFile {
+    pub user_header: Option<String>,
+    pub flow_header: Option<String>,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+/// `[server]`: pingora runtime settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub threads: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub grace_period: Option<Duration>,
+}

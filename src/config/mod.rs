@@ -1,0 +1,415 @@
+//! Configuration: the operator's TOML file ([`file`]) is parsed, then validated into the
+//! internal [`Config`] the gateway runs on. Validation reports every problem at once and
+//! resolves secret references, so `check-config` finds a missing key file before start-up does.
+
+pub mod file;
+pub mod secret;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+use secrecy::SecretString;
+use url::Url;
+
+pub use file::ConfigFile;
+pub use secret::SecretRef;
+
+/// Every problem found in a config file, in the order found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration error(s):", self.0.len())?;
+        for error in &self.0 {
+            writeln!(f, "  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub client: ClientConfig,
+    pub store: StoreConfig,
+    pub tokens: TokensConfig,
+    pub routing: RoutingConfig,
+    pub telemetry: TelemetryConfig,
+    pub server: ServerConfig,
+}
+
+/// finX, resolved once at start-up so the request path never does DNS.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub base_url: Url,
+    /// The resolved socket address of the base URL's host.
+    pub address: SocketAddr,
+    pub tls: bool,
+    /// TLS server name (the host name).
+    pub sni: String,
+    /// `Host` header value (host, plus port when not the scheme's default).
+    pub host_header: String,
+    /// Path of the base URL without its trailing slash ("" for none); prefixed to every path.
+    pub path_prefix: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Total time allowed for one `/auth/token` call.
+    pub token_timeout: Duration,
+    /// Idle upstream connections kept per thread.
+    pub pool_size: usize,
+}
+
+/// The finX client credentials.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub id: String,
+    pub secret: SecretString,
+}
+
+/// The token store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// The encryption key as configured (base64 text), parsed by the store's crypto.
+    pub encryption_key: SecretString,
+}
+
+/// Token caching and refresh.
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// Refresh when less than this remains of an access token's life.
+    pub refresh_skew: Duration,
+    /// Maximum number of cached access tokens.
+    pub cache_capacity: u64,
+}
+
+/// How callers name the connection a request is for.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub user_header: HeaderName,
+    pub flow_header: HeaderName,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub format: LogFormat,
+    /// A `tracing` env-filter directive, e.g. `info` or `finx_gateway=debug,info`.
+    pub level: String,
+}
+
+/// pingora runtime settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub threads: usize,
+    pub grace_period: Duration,
+}
+
+/// Default listener: loopback, as a sidecar.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths in it are relative to the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = Self::read_file(path)?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(&file, base_dir)
+    }
+
+    /// Reads and parses a config file without validating it.
+    pub fn read_file(path: &Path) -> Result<ConfigFile, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {}", path.display(), e.message())]))
+    }
+
+    /// Validates a parsed file, collecting every problem.
+    pub fn from_file(file: &ConfigFile, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+
+        let listen_text = file.listener.address.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                errors.push(format!(
+                    "listener.address: {listen_text:?} is not an IP:port socket address"
+                ))
+            })
+            .ok();
+
+        let upstream = validate_upstream(&file.upstream, &mut errors);
+
+        let client_id = match file.client.id.as_deref() {
+            Some(id) if !id.trim().is_empty() => Some(id.to_owned()),
+            _ => {
+                errors.push("client.id: required".to_owned());
+                None
+            }
+        };
+        let client_secret = required_secret(
+            "client.secret",
+            file.client.secret.as_ref(),
+            base_dir,
+            &mut errors,
+        );
+
+        let store_path = match &file.store.path {
+            Some(path) => Some(base_dir.join(path)),
+            None => {
+                errors.push("store.path: required".to_owned());
+                None
+            }
+        };
+        let encryption_key = required_secret(
+            "store.encryption_key",
+            file.store.encryption_key.as_ref(),
+            base_dir,
+            &mut errors,
+        );
+
+        let refresh_skew = file.tokens.refresh_skew.unwrap_or(Duration::from_secs(60));
+        if refresh_skew >= Duration::from_secs(3600) {
+            errors.push("tokens.refresh_skew: must be shorter than an access token's life (1h)".into());
+        }
+        let cache_capacity = file.tokens.cache_capacity.unwrap_or(1_000_000);
+        if cache_capacity == 0 {
+            errors.push("tokens.cache_capacity: must be at least 1".into());
+        }
+
+        let user_header = header_name(
+            "routing.user_header",
+            file.routing.user_header.as_deref().unwrap_or("x-finx-user"),
+            &mut errors,
+        );
+        let flow_header = header_name(
+            "routing.flow_header",
+            file.routing.flow_header.as_deref().unwrap_or("x-finx-flow"),
+            &mut errors,
+        );
+
+        let format = match file.telemetry.format.as_deref().unwrap_or("pretty") {
+            "pretty" => Some(LogFormat::Pretty),
+            "json" => Some(LogFormat::Json),
+            other => {
+                errors.push(format!(
+                    "telemetry.format: {other:?} is neither \"pretty\" nor \"json\""
+                ));
+                None
+            }
+        };
+        let level = file
+            .telemetry
+            .level
+            .clone()
+            .unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            errors.push(format!("telemetry.level: {level:?} is not a valid filter"));
+        }
+
+        let threads = file.server.threads.unwrap_or(2);
+        if threads == 0 {
+            errors.push("server.threads: must be at least 1".into());
+        }
+        let grace_period = file.server.grace_period.unwrap_or(Duration::from_secs(5));
+
+        match (
+            listen,
+            upstream,
+            client_id,
+            client_secret,
+            store_path,
+            encryption_key,
+            user_header,
+            flow_header,
+            format,
+        ) {
+            (
+                Some(listen),
+                Some(upstream),
+                Some(id),
+                Some(secret),
+                Some(path),
+                Some(encryption_key),
+                Some(user_header),
+                Some(flow_header),
+                Some(format),
+            ) if errors.is_empty() => Ok(Config {
+                listen,
+                upstream,
+                client: ClientConfig { id, secret },
+                store: StoreConfig {
+                    path,
+                    encryption_key,
+                },
+                tokens: TokensConfig {
+                    refresh_skew,
+                    cache_capacity,
+                },
+                routing: RoutingConfig {
+                    user_header,
+                    flow_header,
+                },
+                telemetry: TelemetryConfig { format, level },
+                server: ServerConfig {
+                    threads,
+                    grace_period,
+                },
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+fn required_secret(
+    key: &str,
+    reference: Option<&SecretRef>,
+    base_dir: &Path,
+    errors: &mut Vec<String>,
+) -> Option<SecretString> {
+    let Some(reference) = reference else {
+        errors.push(format!(
+            "{key}: required, as {{ env = \"VAR\" }} or {{ file = \"path\" }}"
+        ));
+        return None;
+    };
+    reference
+        .resolve(base_dir)
+        .map_err(|e| errors.push(format!("{key}: {e}")))
+        .ok()
+}
+
+fn header_name(key: &str, value: &str, errors: &mut Vec<String>) -> Option<HeaderName> {
+    HeaderName::from_bytes(value.as_bytes())
+        .map_err(|_| errors.push(format!("{key}: {value:?} is not a valid header name")))
+        .ok()
+}
+
+fn validate_upstream(file: &file::UpstreamFile, errors: &mut Vec<String>) -> Option<UpstreamConfig> {
+    let Some(text) = file.base_url.as_deref() else {
+        errors.push("upstream.base_url: required".to_owned());
+        return None;
+    };
+    let base_url = match Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            errors.push(format!("upstream.base_url: {text:?} is not a URL: {e}"));
+            return None;
+        }
+    };
+    let tls = match base_url.scheme() {
+        "https" => true,
+        "http" if file.allow_insecure_http == Some(true) => false,
+        "http" => {
+            errors.push(
+                "upstream.base_url: http:// sends client credentials and tokens in clear text; \
+                 use https:// or set upstream.allow_insecure_http = true (simulator only)"
+                    .to_owned(),
+            );
+            return None;
+        }
+        other => {
+            errors.push(format!("upstream.base_url: unsupported scheme {other:?}"));
+            return None;
+        }
+    };
+    if base_url.query().is_some() || base_url.fragment().is_some() || !base_url.username().is_empty()
+    {
+        errors.push("upstream.base_url: must not carry a query, fragment or user info".into());
+        return None;
+    }
+    let Some(host) = base_url.host_str().map(str::to_owned) else {
+        errors.push("upstream.base_url: has no host".into());
+        return None;
+    };
+    let port = base_url.port_or_known_default().unwrap_or(443);
+    let address = match (host.trim_matches(|c| c == '[' || c == ']'), port)
+        .to_socket_addrs()
+        .map(|mut addrs| addrs.next())
+    {
+        Ok(Some(address)) => address,
+        Ok(None) | Err(_) => {
+            errors.push(format!("upstream.base_url: cannot resolve host {host:?}"));
+            return None;
+        }
+    };
+    let host_header = match base_url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.clone(),
+    };
+    let pool_size = file.pool_size.unwrap_or(128);
+    Some(UpstreamConfig {
+        path_prefix: base_url.path().trim_end_matches('/').to_owned(),
+        base_url,
+        address,
+        tls,
+        sni: host,
+        host_header,
+        connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(2)),
+        read_timeout: file.read_timeout.unwrap_or(Duration::from_secs(30)),
+        token_timeout: file.token_timeout.unwrap_or(Duration::from_secs(10)),
+        pool_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Config::from_file(&file, Path::new("."))
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let errors = parse(
+            r#"
+            [listener]
+            address = "nope"
+            [upstream]
+            base_url = "http://127.0.0.1:9"
+            [tokens]
+            cache_capacity = 0
+            [telemetry]
+            format = "xml"
+            "#,
+        )
+        .unwrap_err();
+        let all = errors.to_string();
+        for needle in [
+            "listener.address",
+            "allow_insecure_http",
+            "client.id",
+            "client.secret",
+            "store.path",
+            "store.encryption_key",
+            "cache_capacity",
+            "telemetry.format",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_inline_secrets_are_refused() {
+        assert!(parse("[upstream]\nbase_urll = \"https://x\"").is_err());
+        assert!(parse("[client]\nsecret = \"inline\"").is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! The one mapping from everything that can go wrong inside the gateway to the HTTP answer the
+//! caller sees (DESIGN.md §4). Leaf errors elsewhere are typed; they become a [`GatewayError`]
+//! through `From`, and only this module decides status, code and message.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::store::StoreError;
+use crate::tokens::TokenError;
+
+/// An error the gateway answers itself, as `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// Malformed path, header, body or id.
+    #[error("bad request: {0}")]
+    BadRequest(Cow<'static, str>),
+    /// Missing or invalid caller credential.
+    #[error("caller unauthenticated: {reason}")]
+    CallerUnauthenticated {
+        reason: &'static str,
+        www_authenticate: &'static str,
+    },
+    /// The caller's policy does not allow this user, route or flow.
+    #[error("caller forbidden: {0}")]
+    CallerForbidden(&'static str),
+    /// The caller exceeded its request rate.
+    #[error("caller rate limited")]
+    CallerRateLimited { retry_after_secs: u64 },
+    /// `/auth/**` and other closed paths.
+    #[error("route forbidden: {0}")]
+    RouteForbidden(&'static str),
+    /// Not in the route table.
+    #[error("route not found")]
+    RouteNotFound,
+    /// No stored connection for that user or flow.
+    #[error("connection not found")]
+    ConnectionNotFound,
+    /// The connection's refresh token is dead; the user must consent again.
+    #[error("reauthorization required")]
+    ReauthRequired,
+    /// finX rejected our client credentials or our token request.
+    #[error("gateway misconfigured")]
+    GatewayMisconfigured,
+    /// finX unreachable, 5xx or 429.
+    #[error("upstream unavailable")]
+    UpstreamUnavailable { retry_after_secs: u64 },
+    /// finX did not answer in time.
+    #[error("upstream timeout")]
+    UpstreamTimeout { retry_after_secs: u64 },
+    /// The token store cannot be read or written.
+    #[error("token store unavailable")]
+    StoreUnavailable,
+    /// A bug: logged with detail where it happens, answered without it.
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::CallerUnauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::CallerForbidden(_) | Self::RouteForbidden(_) => StatusCode::FORBIDDEN,
+            Self::CallerRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RouteNotFound | Self::ConnectionNotFound => StatusCode::NOT_FOUND,
+            Self::ReauthRequired => StatusCode::FAILED_DEPENDENCY,
+            Self::GatewayMisconfigured => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable { .. } | Self::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code of DESIGN.md §4.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::CallerUnauthenticated { .. } => "caller_unauthenticated",
+            Self::CallerForbidden(_) => "caller_forbidden",
+            Self::CallerRateLimited { .. } => "caller_rate_limited",
+            Self::RouteForbidden(_) => "route_forbidden",
+            Self::RouteNotFound => "route_not_found",
+            Self::ConnectionNotFound => "connection_not_found",
+            Self::ReauthRequired => "reauth_required",
+            Self::GatewayMisconfigured => "gateway_misconfigured",
+            Self::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Human text for the caller. Never contains a secret: every variant carries only static
+    /// text or text the gateway composed itself.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            Self::BadRequest(why) => why.clone(),
+            Self::CallerUnauthenticated { reason, .. } => {
+                Cow::Owned(format!("caller not authenticated: {reason}"))
+            }
+            Self::CallerForbidden(reason) => Cow::Owned(format!("caller not allowed: {reason}")),
+            Self::CallerRateLimited { .. } => "caller exceeded its request rate".into(),
+            Self::RouteForbidden(reason) => (*reason).into(),
+            Self::RouteNotFound => "no such route on this gateway".into(),
+            Self::ConnectionNotFound => "no finX connection is stored for this user or flow".into(),
+            Self::ReauthRequired => {
+                "the user's finX consent has lapsed; the user must connect their bank again".into()
+            }
+            Self::GatewayMisconfigured => {
+                "finX rejected the gateway's client credentials or token request".into()
+            }
+            Self::UpstreamUnavailable { .. } => "finX is unavailable; retry later".into(),
+            Self::UpstreamTimeout { .. } => "finX did not answer in time; retry later".into(),
+            Self::StoreUnavailable => "the token store is unavailable; retry later".into(),
+            Self::Internal => "internal error".into(),
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, where the caller should retry.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::UpstreamUnavailable { retry_after_secs }
+            | Self::UpstreamTimeout { retry_after_secs }
+            | Self::CallerRateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Self::StoreUnavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub fn www_authenticate(&self) -> Option<&'static str> {
+        match self {
+            Self::CallerUnauthenticated {
+                www_authenticate, ..
+            } => Some(www_authenticate),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.message() }
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+impl From<TokenError> for GatewayError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::NotFound => Self::ConnectionNotFound,
+            TokenError::ReauthRequired => Self::ReauthRequired,
+            TokenError::InvalidClient => Self::GatewayMisconfigured,
+            TokenError::Unavailable { retry_after_secs } => {
+                Self::UpstreamUnavailable { retry_after_secs }
+            }
+            TokenError::Timeout => Self::UpstreamTimeout {
+                retry_after_secs: 1,
+            },
+            TokenError::Store(_) => Self::StoreUnavailable,
+            TokenError::Internal => Self::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(_: StoreError) -> Self {
+        Self::StoreUnavailable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_the_status_of_the_design() {
+        let cases = [
+            (GatewayError::BadRequest("x".into()), 400, "bad_request"),
+            (GatewayError::RouteForbidden("x"), 403, "route_forbidden"),
+            (GatewayError::RouteNotFound, 404, "route_not_found"),
+            (GatewayError::ConnectionNotFound, 404, "connection_not_found"),
+            (GatewayError::ReauthRequired, 424, "reauth_required"),
+            (GatewayError::GatewayMisconfigured, 502, "gateway_misconfigured"),
+            (
+                GatewayError::UpstreamUnavailable {
+                    retry_after_secs: 3,
+                },
+                503,
+                "upstream_unavailable",
+            ),
+            (
+                GatewayError::UpstreamTimeout {
+                    retry_after_secs: 1,
+                },
+                504,
+                "upstream_timeout",
+            ),
+            (GatewayError::StoreUnavailable, 503, "store_unavailable"),
+            (GatewayError::Internal, 500, "internal"),
+        ];
+        for (error, status, code) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.code(), code);
+            let body: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
+            assert_eq!(body["error"]["code"], code);
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The pingora `ProxyHttp` implementation. Each phase method only delegates: routing to
+//! [`routes`], the upstream rewrite to [`headers`], credentials to the token manager, answers to
+//! [`respond`]. All async work happens once per request, in `request_filter`.
+
+pub mod headers;
+pub mod respond;
+pub mod routes;
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::error::GatewayError;
+use crate::store::ConnectionKey;
+use crate::tokens::{Credential, TokenManager};
+use routes::Route;
+
+/// The finX sidecar proxy.
+pub struct FinxProxy {
+    tokens: TokenManager,
+    /// Built once at start-up: resolved address, TLS, SNI, timeouts.
+    peer: HttpPeer,
+    host: HeaderValue,
+    path_prefix: String,
+    /// `Basic base64(client_id:client_secret)`, marked sensitive.
+    client_basic: HeaderValue,
+    user_header: HeaderName,
+    flow_header: HeaderName,
+}
+
+/// What one request learned on its way through the phases.
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<Route>,
+    connection: Option<ConnectionKey>,
+    credential: Option<Credential>,
+    upstream_started: Option<Instant>,
+    upstream_status: Option<u16>,
+    /// The code of the error the gateway answered, if it answered one itself.
+    gateway_error: Option<&'static str>,
+}
+
+impl FinxProxy {
+    /// Assembles the proxy from its already-built parts.
+    pub fn new(
+        tokens: TokenManager,
+        peer: HttpPeer,
+        host: HeaderValue,
+        path_prefix: String,
+        client_basic: HeaderValue,
+        user_header: HeaderName,
+        flow_header: HeaderName,
+    ) -> Self {
+        Self {
+            tokens,
+            peer,
+            host,
+            path_prefix,
+            client_basic,
+            user_header,
+            flow_header,
+        }
+    }
+
+    /// Classifies the request and obtains its credential. `Ok(true)` when already answered.
+    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, GatewayError> {
+        let route = routes::classify(session.req_header().uri.path())?;
+        ctx.route = Some(route);
+        match route {
+            Route::Health => {
+                respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
+                    .await
+                    .map_err(|_| GatewayError::Internal)?;
+                return Ok(true);
+            }
+            Route::ClientData => {}
+            Route::UserData => {
+                let key = self.connection_key(session.req_header())?;
+                let credential = self.tokens.bearer(&key).await?;
+                ctx.connection = Some(key);
+                ctx.credential = Some(credential);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The connection named by exactly one of the user and flow headers.
+    fn connection_key(&self, request: &RequestHeader) -> Result<ConnectionKey, GatewayError> {
+        let single = |name: &HeaderName| -> Result<Option<&str>, GatewayError> {
+            let mut values = request.headers.get_all(name).iter();
+            let Some(first) = values.next() else {
+                return Ok(None);
+            };
+            if values.next().is_some() {
+                return Err(GatewayError::BadRequest(
+                    format!("{name} must be sent once").into(),
+                ));
+            }
+            first
+                .to_str()
+                .map(Some)
+                .map_err(|_| GatewayError::BadRequest(format!("{name} is not ASCII").into()))
+        };
+        let invalid = |name: &HeaderName| {
+            GatewayError::BadRequest(
+                format!("{name}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -").into(),
+            )
+        };
+        match (single(&self.user_header)?, single(&self.flow_header)?) {
+            (Some(user), None) => ConnectionKey::user(user).map_err(|_| invalid(&self.user_header)),
+            (None, Some(flow)) => ConnectionKey::flow(flow).map_err(|_| invalid(&self.flow_header)),
+            (Some(_), Some(_)) => Err(GatewayError::BadRequest(
+                format!("send either {} or {}, not both", self.user_header, self.flow_header).into(),
+            )),
+            (None, None) => Err(GatewayError::BadRequest(
+                format!("{} or {} is required for /rest", self.user_header, self.flow_header).into(),
+            )),
+        }
+    }
+
+    /// The gateway error for a proxying failure pingora reports.
+    fn proxy_failure(error: &Error) -> Option<GatewayError> {
+        use ErrorType::*;
+        match (error.esource(), error.etype()) {
+            // The caller went away or sent garbage: nothing useful can be written back.
+            (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+            (ErrorSource::Downstream, _) => {
+                Some(GatewayError::BadRequest("the request could not be read".into()))
+            }
+            (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
+                Some(GatewayError::UpstreamTimeout {
+                    retry_after_secs: 1,
+                })
+            }
+            (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnavailable {
+                retry_after_secs: 1,
+            }),
+            _ => Some(GatewayError::Internal),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FinxProxy {
+    type CTX = RequestCtx;
+
+    /// Creates the empty per-request context.
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            connection: None,
+            credential: None,
+            upstream_started: None,
+            upstream_status: None,
+            gateway_error: None,
+        }
+    }
+
+    /// Runs once per request, before anything goes upstream: normalises and classifies the path,
+    /// answers the gateway's own endpoints, resolves the connection and awaits its credential
+    /// (cache hit, stored token or the shared refresh). Returns `Ok(true)` when the gateway has
+    /// answered (health, or a JSON error), `Ok(false)` to proxy.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        match self.admit(session, ctx).await {
+            Ok(answered) => Ok(answered),
+            Err(error) => {
+                ctx.gateway_error = Some(error.code());
+                respond::send_error(session, &error).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Returns the pre-built finX peer; no DNS and no I/O here.
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    /// Runs on a fresh copy of the caller's headers for every upstream attempt: strips the
+    /// caller's credentials and the gateway's own headers, sets `Host`, inserts the finX
+    /// credential. Idempotent, no I/O. An error fails the request.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let credential = match ctx.route {
+            Some(Route::UserData) => ctx.credential.as_ref().map(|c| &c.header),
+            Some(Route::ClientData) => Some(&self.client_basic),
+            _ => None,
+        };
+        // Fail closed: a route that needs a credential never goes out without one.
+        if credential.is_none() {
+            return Err(headers::header_error("no credential for an upstream request"));
+        }
+        headers::rewrite_for_upstream(upstream_request, &self.host, &self.path_prefix, credential)
+    }
+
+    /// Runs when finX's response header arrives; the response passes through unchanged. A 401
+    /// on a user route means finX no longer accepts that access token: it is dropped so the
+    /// next request refreshes.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if status == 401 {
+            if let (Some(key), Some(credential)) = (&ctx.connection, &ctx.credential) {
+                self.tokens.reject(key, credential.version).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs when proxying failed fatally: answers the JSON error for the failure (503 when finX
+    /// is unreachable, 504 on timeouts) unless the caller is gone or a response already started.
+    /// Returns the status for the access log.
+    async fn fail_to_proxy(&self, session: &mut Session, error: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+        let answer = Self::proxy_failure(error);
+        let status = match &answer {
+            Some(gateway_error) if session.response_written().is_none() => {
+                ctx.gateway_error = Some(gateway_error.code());
+                if respond::send_error(session, gateway_error).await.is_err() {
+                    tracing::debug!("could not write error response to the caller");
+                }
+                gateway_error.status().as_u16()
+            }
+            _ => 0,
+        };
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Runs last for every request: one access-log line, never a secret.
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session
+            .response_written()
+            .map_or(0, |response| response.status.as_u16());
+        let request = session.req_header();
+        tracing::info!(
+            target: "finx_gateway::access",
+            method = %request.method,
+            route = ctx.route.map_or("-", Route::as_str),
+            connection = ctx.connection.as_ref().map_or("-", ConnectionKey::as_str),
+            status,
+            upstream_status = ctx.upstream_status.unwrap_or(0),
+            upstream_ms = ctx.upstream_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+            total_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+            token = ctx.credential.as_ref().map_or("-", |c| c.source.as_str()),
+            error = ctx.gateway_error.unwrap_or("-"),
+            failure = error.map(|e| e.etype().as_str()).unwrap_or("-"),
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! The route table (DESIGN.md §3) and the one place paths are decoded and judged.
+//!
+//! Two readings of every path are taken. The *canonical* reading decodes, folds case, turns `\`
+//! into `/` and resolves dot segments the way the most lenient server would; if it names
+//! `/auth`, the request is refused whatever its spelling. Otherwise a path whose meaning depends
+//! on who decodes it (encoded `/`, `\`, `.` or `%`, NUL, `//`, dot segments, control bytes) is
+//! refused as ambiguous; what remains is classified on its once-decoded form and forwarded as
+//! it came, so finX decodes exactly what was classified.
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode_str;
+
+use crate::error::GatewayError;
+
+/// What a request path is, and so which credential it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/rest/**`: the user's bearer token.
+    UserData,
+    /// `/category-tree`, `/rpc/categorize`, `/payment-receipts/**`: client Basic auth.
+    ClientData,
+    /// `/healthz`: answered by the gateway.
+    Health,
+}
+
+impl Route {
+    /// Name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserData => "user_data",
+            Self::ClientData => "client_data",
+            Self::Health => "health",
+        }
+    }
+}
+
+const AUTH_FORBIDDEN: &str = "the finX /auth endpoints are closed to callers";
+const FLOWS_CLOSED: &str = "connect flows are not open on this gateway";
+
+/// Judges a request path (the URI path, still percent-encoded).
+pub fn classify(raw_path: &str) -> Result<Route, GatewayError> {
+    if names_auth(raw_path) {
+        return Err(GatewayError::RouteForbidden(AUTH_FORBIDDEN));
+    }
+    let decoded = decode_unambiguous(raw_path)?;
+    let path: &str = &decoded;
+    if path == "/healthz" {
+        return Ok(Route::Health);
+    }
+    if path == "/rest" || path.starts_with("/rest/") {
+        return Ok(Route::UserData);
+    }
+    if path == "/category-tree"
+        || path == "/rpc/categorize"
+        || path
+            .strip_prefix("/payment-receipts/")
+            .is_some_and(|rest| !rest.is_empty())
+    {
+        return Ok(Route::ClientData);
+    }
+    if is_under(path, "/onetime") || is_under(path, "/ongoing") {
+        return Err(GatewayError::RouteForbidden(FLOWS_CLOSED));
+    }
+    Err(GatewayError::RouteNotFound)
+}
+
+fn is_under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The lenient reading: does any plausible decoding of this path reach `/auth`?
+fn names_auth(raw_path: &str) -> bool {
+    // Decode twice: a server that double-decodes turns `%2561uth` into `auth`.
+    let once = percent_decode_str(raw_path).decode_utf8_lossy();
+    let twice = percent_decode_str(&once).decode_utf8_lossy();
+    [once.as_ref(), twice.as_ref()]
+        .into_iter()
+        .any(|reading| first_segment(reading).is_some_and(|s| s.eq_ignore_ascii_case("auth")))
+}
+
+/// The first path segment after `\`→`/`, empty and dot segments removed, `..` resolved and
+/// `;params` dropped; `None` for the root.
+fn first_segment(path: &str) -> Option<String> {
+    let unified = path.replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in unified.split('/') {
+        let segment = segment.split(';').next().unwrap_or("").trim_matches(|c: char| c.is_whitespace() || c == '\0');
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    segments.first().map(|s| (*s).to_owned())
+}
+
+fn bad(why: &'static str) -> GatewayError {
+    GatewayError::BadRequest(Cow::Borrowed(why))
+}
+
+/// Decodes a path once, refusing every spelling whose meaning depends on the decoder.
+fn decode_unambiguous(raw_path: &str) -> Result<Cow<'_, str>, GatewayError> {
+    if !raw_path.starts_with('/') {
+        return Err(bad("the request path must start with /"));
+    }
+    let bytes = raw_path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(bad("truncated percent-encoding in path"))?;
+                let value = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(bad("invalid percent-encoding in path"))?;
+                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';') || value < 0x20 || value == 0x7f {
+                    return Err(bad("the path encodes a separator, dot, percent or control byte"));
+                }
+                i += 3;
+            }
+            b'\\' => return Err(bad("backslashes are not allowed in paths")),
+            b if b < 0x20 || b == 0x7f => return Err(bad("control bytes are not allowed in paths")),
+            _ => i += 1,
+        }
+    }
+    if raw_path.contains("//") {
+        return Err(bad("empty path segments (//) are not allowed"));
+    }
+    if raw_path.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(bad("dot segments are not allowed in paths"));
+    }
+    percent_decode_str(raw_path)
+        .decode_utf8()
+        .map_err(|_| bad("the path does not decode to UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_of_the_design() {
+        assert_eq!(classify("/rest/accounts"), Ok(Route::UserData));
+        assert_eq!(classify("/rest/accounts/A%20B/transactions"), Ok(Route::UserData));
+        assert_eq!(classify("/category-tree"), Ok(Route::ClientData));
+        assert_eq!(classify("/rpc/categorize"), Ok(Route::ClientData));
+        assert_eq!(classify("/payment-receipts/42"), Ok(Route::ClientData));
+        assert_eq!(classify("/healthz"), Ok(Route::Health));
+        assert_eq!(classify("/payment-receipts/"), Err(GatewayError::RouteNotFound));
+        assert_eq!(classify("/restful"), Err(GatewayError::RouteNotFound));
+        assert_eq!(classify("/"), Err(GatewayError::RouteNotFound));
+        assert!(matches!(classify("/ongoing/access"), Err(GatewayError::RouteForbidden(_))));
+    }
+
+    #[test]
+    fn auth_is_forbidden_under_every_spelling() {
+        for path in [
+            "/auth/token",
+            "/auth",
+            "/auth/",
+            "/AUTH/token",
+            "/Auth/Token",
+            "/%61uth/token",
+            "/%41UTH/token",
+            "/auth%2ftoken",
+            "/auth%2Ftoken",
+            "//auth/token",
+            "///auth//token",
+            "/./auth/token",
+            "/rest/../auth/token",
+            "/rest/%2e%2e/auth/token",
+            "/rest/%2E%2E/auth/token",
+            "/rest/..%2fauth/token",
+            "\\auth\\token",
+            "/rest\\..\\auth/token",
+            "/auth;x=1/token",
+            "/%2561uth/token",
+            "/auth%00/token",
+            "/ auth/token",
+            "/rest/%252e%252e/auth/token",
+        ] {
+            let verdict = classify(path);
+            assert!(
+                matches!(verdict, Err(GatewayError::RouteForbidden(_))),
+                "{path} gave {verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ambiguous_paths_are_bad_requests() {
+        for path in [
+            "/rest/accounts%2f1",
+            "/rest/./accounts",
+            "/rest/x/../accounts",
+            "/rest//accounts",
+            "/rest/acc%00ounts",
+            "/rest/%zz",
+            "/rest/%4",
+            "/rest/%25",
+            "rest/accounts",
+            "/rest/\u{7f}",
+        ] {
+            assert!(
+                matches!(classify(path), Err(GatewayError::BadRequest(_))),
+                "{path} gave {:?}",
+                classify(path)
+            );
+        }
+    }
+}

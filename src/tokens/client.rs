@@ -1,0 +1,235 @@
+//! The finX `/auth/token` client: refresh and code-exchange requests, and the classification of
+//! their failures into the classes that decide a connection's fate (DESIGN.md §1.4).
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::clock::UnixSeconds;
+use crate::store::{AccessToken, TokenGrant};
+
+/// Why a token request failed. Only [`TokenFailure::InvalidGrant`] kills a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenFailure {
+    /// The grant (refresh token or code) is dead.
+    #[error("finX answered invalid_grant")]
+    InvalidGrant,
+    /// finX rejected our client credentials or the request itself.
+    #[error("finX rejected the client or request ({0})")]
+    Rejected(&'static str),
+    /// Network error, 5xx, 429 or an unreadable answer: try again later, keep the token.
+    #[error("finX token endpoint unavailable ({reason})")]
+    Unavailable {
+        reason: &'static str,
+        retry_after_secs: u64,
+    },
+    /// No answer in time: try again later, keep the token.
+    #[error("finX token endpoint timed out")]
+    Timeout,
+}
+
+/// Default `Retry-After` when finX gave none.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+
+/// Talks to `POST {base}/auth/token` with HTTP Basic client authentication and JSON bodies.
+#[derive(Clone)]
+pub struct TokenClient {
+    http: reqwest::Client,
+    endpoint: String,
+    client_id: String,
+    client_secret: SecretString,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: i64,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+}
+
+impl TokenClient {
+    /// Builds the client. `base_url` is finX's base URL (its path is kept).
+    pub fn new(
+        base_url: &url::Url,
+        client_id: &str,
+        client_secret: SecretString,
+        connect_timeout: Duration,
+        total_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(total_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
+        let endpoint = format!("{}/auth/token", base_url.as_str().trim_end_matches('/'));
+        Ok(Self {
+            http,
+            endpoint,
+            client_id: client_id.to_owned(),
+            client_secret,
+        })
+    }
+
+    /// Spends `refresh_token` for a new access token (and, usually, a rotated refresh token).
+    pub async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        now: UnixSeconds,
+    ) -> Result<TokenGrant, TokenFailure> {
+        let body = serde_json::json!({
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token.expose_secret(),
+        });
+        self.request(&body, now).await
+    }
+
+    /// Exchanges an authorization code.
+    pub async fn exchange_code(
+        &self,
+        code: &SecretString,
+        redirect_uri: &str,
+        now: UnixSeconds,
+    ) -> Result<TokenGrant, TokenFailure> {
+        let body = serde_json::json!({
+            "grant_type": "authorization_code",
+            "code": code.expose_secret(),
+            "redirect_uri": redirect_uri,
+        });
+        self.request(&body, now).await
+    }
+
+    async fn request(&self, body: &Value, now: UnixSeconds) -> Result<TokenGrant, TokenFailure> {
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .basic_auth(&self.client_id, Some(self.client_secret.expose_secret()))
+            .json(body)
+            .send()
+            .await
+            .map_err(classify_transport)?;
+        let status = response.status();
+        let retry_after_secs = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(DEFAULT_RETRY_AFTER_SECS);
+        let bytes = response.bytes().await.map_err(classify_transport)?;
+        if status.is_success() {
+            let answer: TokenAnswer =
+                serde_json::from_slice(&bytes).map_err(|_| TokenFailure::Unavailable {
+                    reason: "unreadable token answer",
+                    retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+                })?;
+            return Ok(TokenGrant {
+                access: AccessToken {
+                    token: SecretString::from(answer.access_token),
+                    expires_at: now.saturating_add(answer.expires_in.max(0)),
+                },
+                refresh_token: answer.refresh_token.map(SecretString::from),
+                scope: answer.scope,
+            });
+        }
+        Err(classify_error(status.as_u16(), &bytes, retry_after_secs))
+    }
+}
+
+fn classify_transport(error: reqwest::Error) -> TokenFailure {
+    if error.is_timeout() {
+        TokenFailure::Timeout
+    } else {
+        TokenFailure::Unavailable {
+            reason: if error.is_connect() {
+                "connect failed"
+            } else {
+                "connection failed"
+            },
+            retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+        }
+    }
+}
+
+/// The OAuth error name in either shape finX uses: RFC 6749 `{"error": "invalid_grant"}` or the
+/// nested `{"error": {"name" | "message" | "description": "invalid_grant"}}`.
+fn oauth_error_names(body: &[u8]) -> Vec<String> {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    match value.get("error") {
+        Some(Value::String(name)) => vec![name.clone()],
+        Some(Value::Object(nested)) => ["name", "message", "description", "code"]
+            .iter()
+            .filter_map(|field| nested.get(*field).and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Maps a non-2xx token answer to its failure class.
+pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) -> TokenFailure {
+    let names = oauth_error_names(body);
+    let named = |wanted: &str| names.iter().any(|n| n.trim() == wanted);
+    if (400..500).contains(&status) && named("invalid_grant") {
+        return TokenFailure::InvalidGrant;
+    }
+    if named("invalid_client") || status == 401 {
+        return TokenFailure::Rejected("invalid_client");
+    }
+    match status {
+        429 | 500..=599 => TokenFailure::Unavailable {
+            reason: "finX answered 429 or 5xx",
+            retry_after_secs,
+        },
+        _ if named("unsupported_grant_type") => TokenFailure::Rejected("unsupported_grant_type"),
+        _ if named("unauthorized_client") => TokenFailure::Rejected("unauthorized_client"),
+        _ if named("invalid_request") => TokenFailure::Rejected("invalid_request"),
+        _ => TokenFailure::Unavailable {
+            reason: "unexpected answer",
+            retry_after_secs,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_grant_is_recognised_in_both_shapes() {
+        let rfc = br#"{"error":"invalid_grant","error_description":"x"}"#;
+        let nested = br#"{"error":{"code":1,"group":"client","name":"invalid_grant","message":"invalid_grant","description":"d","data":{}},"status":400}"#;
+        let only_message = br#"{"error":{"message":"invalid_grant"},"status":400}"#;
+        for body in [&rfc[..], &nested[..], &only_message[..]] {
+            assert_eq!(classify_error(400, body, 1), TokenFailure::InvalidGrant);
+        }
+    }
+
+    #[test]
+    fn other_failures_keep_the_token() {
+        assert_eq!(
+            classify_error(401, br#"{"error":"invalid_client"}"#, 1),
+            TokenFailure::Rejected("invalid_client")
+        );
+        assert_eq!(
+            classify_error(503, b"", 7),
+            TokenFailure::Unavailable {
+                reason: "finX answered 429 or 5xx",
+                retry_after_secs: 7
+            }
+        );
+        assert!(matches!(
+            classify_error(429, b"not json", 2),
+            TokenFailure::Unavailable { .. }
+        ));
+        // A 5xx that happens to mention invalid_grant is still a server failure.
+        assert!(matches!(
+            classify_error(500, br#"{"error":"invalid_grant"}"#, 1),
+            TokenFailure::Unavailable { .. }
+        ));
+    }
+}
