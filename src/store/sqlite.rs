@@ -1,1 +1,776 @@
-//! Embedded SQLite token store.
+//! Embedded SQLite token store, the default [`TokenStore`].
+//!
+//! One database file in WAL mode with `synchronous=FULL`: a write returns only after its
+//! transaction is committed and fsynced, which is what invariant 3 ("persist before use") needs.
+//! Tokens are sealed with the store's [`EncryptionKey`] (see [`super::crypto`]) and bound to
+//! their row and column; everything else (status, version, timestamps, scope) is plaintext so
+//! operators can inspect it.
+//!
+//! The store refuses to open with a key other than the one it was created with: a `meta` row
+//! holds a known constant sealed under that key plus its key id. A row that fails to decrypt
+//! (tampered, copied from another row) fails only its own connection with
+//! [`StoreError::Corrupt`]; reads never modify or delete anything.
+//!
+//! Versions: every write moves a connection's `version` on, and a connection created after a
+//! delete continues above the deleted one's version (`meta.version_floor`), so a refresh that
+//! started before a delete and re-consent can never compare-and-swap onto the new connection.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{
+    params, Connection as DbConnection, OpenFlags, OptionalExtension, TransactionBehavior,
+};
+use secrecy::SecretString;
+
+use super::crypto::{EncryptionKey, TokenColumn};
+use super::{
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, NewConnection,
+    StoreError, TokenGrant, TokenStore,
+};
+use crate::clock::{Clock, SystemClock, UnixSeconds};
+
+/// The schema this build writes; `PRAGMA user_version` holds the file's.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long a write waits for another process (e.g. an operator's CLI) holding the lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The known constant sealed in `meta.key_check`, and its associated data (distinct from every
+/// token's, so a token ciphertext can never pass as the key check or the reverse).
+const KEY_CHECK_PLAINTEXT: &[u8] = b"finx-gateway key check v1";
+const KEY_CHECK_AD: &[u8] = b"finx-gateway/v1/meta/key_check";
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    key_id        TEXT    NOT NULL,
+    key_check     BLOB    NOT NULL,
+    -- The highest version any deleted connection reached; new connections start above it.
+    version_floor INTEGER NOT NULL DEFAULT 0,
+    created_at    INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE connections (
+    key               TEXT    PRIMARY KEY NOT NULL,
+    status            TEXT    NOT NULL CHECK (status IN ('active', 'reauth_required', 'revoked')),
+    refresh_token     BLOB    NOT NULL,
+    access_token      BLOB,
+    access_expires_at INTEGER,
+    scope             TEXT,
+    version           INTEGER NOT NULL CHECK (version >= 1),
+    created_at        INTEGER NOT NULL,
+    refreshed_at      INTEGER,
+    updated_at        INTEGER NOT NULL,
+    key_id            TEXT    NOT NULL,
+    CHECK ((access_token IS NULL) = (access_expires_at IS NULL))
+) STRICT;
+";
+
+const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_expires_at, scope, \
+                          version, created_at, refreshed_at FROM connections WHERE key = ?1";
+
+/// Why [`SqliteStore::open`] failed. No message ever contains key or token material.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file cannot be created, opened, configured or migrated.
+    #[error("cannot open the token store {}: {reason}", path.display())]
+    Unavailable { path: PathBuf, reason: String },
+    /// The store was created with another encryption key.
+    #[error(
+        "the encryption key given (key id {given_key_id}) does not match the key this token \
+         store was created with (key id {expected_key_id}); start the gateway with the original \
+         key file or environment variable"
+    )]
+    WrongKey {
+        expected_key_id: String,
+        given_key_id: String,
+    },
+    /// The file was written by a newer finx-gateway.
+    #[error(
+        "the token store {} has schema version {found} but this build supports at most \
+         {supported}; upgrade finx-gateway",
+        path.display()
+    )]
+    UnsupportedSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// The file is not a finx-gateway store, or its metadata was damaged.
+    #[error("the token store {} is damaged or not a finx-gateway token store: {reason}", path.display())]
+    Damaged { path: PathBuf, reason: String },
+}
+
+/// The SQLite [`TokenStore`]. Cheap to clone; clones share one connection.
+///
+/// All database work runs on tokio's blocking pool under a `std::sync::Mutex` that is never
+/// held across an await. An operation whose caller stops waiting still runs to completion, so a
+/// commit is never half done.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conn: Mutex<DbConnection>,
+    key: EncryptionKey,
+    key_id: String,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .field("key_id", &self.shared.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating it (file mode 0600 on Unix) when missing and
+    /// migrating its schema; fails with [`OpenError::WrongKey`] when `key` is not the key the
+    /// store was created with.
+    ///
+    /// Blocking: call it at start-up or from `spawn_blocking`.
+    pub fn open(path: &Path, key: EncryptionKey) -> Result<Self, OpenError> {
+        let unavailable = |reason: String| OpenError::Unavailable {
+            path: path.to_path_buf(),
+            reason,
+        };
+        create_private(path).map_err(|e| unavailable(e.to_string()))?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = DbConnection::open_with_flags(path, flags)
+            .map_err(|e| unavailable(format!("sqlite: {e}")))?;
+        configure(&conn).map_err(unavailable)?;
+        migrate(&mut conn, path, &key)?;
+        check_key(&conn, path, &key)?;
+        let key_id = key.key_id();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                conn: Mutex::new(conn),
+                key,
+                key_id,
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The id of the key this store encrypts with (safe to log).
+    pub fn key_id(&self) -> &str {
+        &self.shared.key_id
+    }
+
+    /// Runs `op` on the blocking pool with the connection locked.
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection, &Shared) -> Result<T, StoreError> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            // A panic while locked cannot leave a half-applied write: an open transaction rolls
+            // back when its guard drops during unwinding. So a poisoned lock is still usable.
+            let mut conn = shared.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            op(&mut conn, &shared)
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("token store task failed".to_owned()))?
+    }
+
+    fn seal(
+        &self,
+        key: &ConnectionKey,
+        column: TokenColumn,
+        token: &SecretString,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.shared
+            .key
+            .seal_token(key, column, token)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+/// Creates the file with owner-only permissions so the database (and the WAL and shm files,
+/// which SQLite creates with the database's permissions) is not world-readable.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn configure(conn: &DbConnection) -> Result<(), String> {
+    let sqlite = |e: rusqlite::Error| format!("sqlite: {e}");
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(sqlite)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("journal_mode is {mode}, WAL is required"));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sqlite)?;
+    // Verified because durability rests on it and a misspelt pragma is silently ignored.
+    let synchronous: i64 = conn
+        .pragma_query_value(None, "synchronous", |row| row.get(0))
+        .map_err(sqlite)?;
+    if synchronous != 2 {
+        return Err(format!(
+            "synchronous is {synchronous}, FULL (2) is required"
+        ));
+    }
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(sqlite)?;
+    conn.pragma_update(None, "trusted_schema", false)
+        .map_err(sqlite)?;
+    // Freed pages (old ciphertexts of spent tokens) are overwritten instead of lingering.
+    conn.pragma_update(None, "secure_delete", true)
+        .map_err(sqlite)?;
+    Ok(())
+}
+
+/// Creates or upgrades the schema, one transaction per run. Future versions add arms that
+/// step `user_version` forward one migration at a time.
+fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<(), OpenError> {
+    let unavailable = |e: rusqlite::Error| OpenError::Unavailable {
+        path: path.to_path_buf(),
+        reason: format!("sqlite: {e}"),
+    };
+    let damaged = |reason: String| OpenError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // IMMEDIATE: two processes opening a new file at once must not both create the schema.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let found: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(unavailable)?;
+    match found {
+        0 => {
+            let objects: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+                .map_err(unavailable)?;
+            if objects != 0 {
+                return Err(damaged(
+                    "it has tables but no finx-gateway schema version".to_owned(),
+                ));
+            }
+            tx.execute_batch(SCHEMA_V1).map_err(unavailable)?;
+            let check = key
+                .encrypt(KEY_CHECK_PLAINTEXT, KEY_CHECK_AD)
+                .map_err(|e| damaged(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO meta (id, key_id, key_check, version_floor, created_at) \
+                 VALUES (1, ?1, ?2, 0, ?3)",
+                params![key.key_id(), check, SystemClock.now()],
+            )
+            .map_err(unavailable)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(unavailable)?;
+        }
+        SCHEMA_VERSION => {}
+        found if found > SCHEMA_VERSION => {
+            return Err(OpenError::UnsupportedSchema {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            })
+        }
+        found => return Err(damaged(format!("invalid schema version {found}"))),
+    }
+    tx.commit().map_err(unavailable)
+}
+
+fn check_key(conn: &DbConnection, path: &Path, key: &EncryptionKey) -> Result<(), OpenError> {
+    let damaged = |reason: String| OpenError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (expected_key_id, check): (String, Vec<u8>) = conn
+        .query_row(
+            "SELECT key_id, key_check FROM meta WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| damaged(format!("sqlite: {e}")))?
+        .ok_or_else(|| damaged("the key check record is missing".to_owned()))?;
+    let matches = key
+        .decrypt(&check, KEY_CHECK_AD)
+        .is_ok_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT);
+    let given_key_id = key.key_id();
+    match (matches, expected_key_id == given_key_id) {
+        (true, _) => Ok(()),
+        // Same key id but the check fails: the record was altered, the key is (almost surely)
+        // right. Saying "wrong key" would send the operator hunting for another key.
+        (false, true) => Err(damaged(
+            "the key check record does not decrypt although its key id matches the key given"
+                .to_owned(),
+        )),
+        (false, false) => Err(OpenError::WrongKey {
+            expected_key_id,
+            given_key_id,
+        }),
+    }
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    // rusqlite errors never carry bound parameter values, and no SQL here is built from data.
+    StoreError::Unavailable(format!("sqlite: {e}"))
+}
+
+/// A connection row as stored, tokens still sealed.
+struct StoredRow {
+    status: String,
+    refresh_token: Vec<u8>,
+    access_token: Option<Vec<u8>>,
+    access_expires_at: Option<UnixSeconds>,
+    scope: Option<String>,
+    version: i64,
+    created_at: UnixSeconds,
+    refreshed_at: Option<UnixSeconds>,
+}
+
+fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow>, StoreError> {
+    conn.query_row(SELECT_ROW, params![key.as_str()], |row| {
+        Ok(StoredRow {
+            status: row.get(0)?,
+            refresh_token: row.get(1)?,
+            access_token: row.get(2)?,
+            access_expires_at: row.get(3)?,
+            scope: row.get(4)?,
+            version: row.get(5)?,
+            created_at: row.get(6)?,
+            refreshed_at: row.get(7)?,
+        })
+    })
+    .optional()
+    .map_err(unavailable)
+}
+
+fn parse_status(key: &ConnectionKey, status: &str) -> Result<ConnectionStatus, StoreError> {
+    ConnectionStatus::parse(status).ok_or_else(|| {
+        tracing::warn!(connection = %key, "stored connection has an unknown status");
+        StoreError::Corrupt(key.clone())
+    })
+}
+
+fn open_token(
+    enc: &EncryptionKey,
+    key: &ConnectionKey,
+    column: TokenColumn,
+    sealed: &[u8],
+) -> Result<SecretString, StoreError> {
+    enc.open_token(key, column, sealed).map_err(|_| {
+        tracing::warn!(
+            connection = %key,
+            column = column.as_str(),
+            "stored token failed to decrypt (tampered, copied from another row, or another key)"
+        );
+        StoreError::Corrupt(key.clone())
+    })
+}
+
+fn decrypt_row(
+    enc: &EncryptionKey,
+    key: &ConnectionKey,
+    row: StoredRow,
+) -> Result<Connection, StoreError> {
+    let status = parse_status(key, &row.status)?;
+    let refresh_token = open_token(enc, key, TokenColumn::RefreshToken, &row.refresh_token)?;
+    let access = match (row.access_token, row.access_expires_at) {
+        (Some(sealed), Some(expires_at)) => Some(AccessToken {
+            token: open_token(enc, key, TokenColumn::AccessToken, &sealed)?,
+            expires_at,
+        }),
+        (None, None) => None,
+        // The schema's CHECK forbids this; only a rebuilt table could hold it.
+        _ => return Err(StoreError::Corrupt(key.clone())),
+    };
+    Ok(Connection {
+        key: key.clone(),
+        status,
+        refresh_token,
+        access,
+        scope: row.scope,
+        version: row.version,
+        created_at: row.created_at,
+        refreshed_at: row.refreshed_at,
+    })
+}
+
+fn immediate(conn: &mut DbConnection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    // IMMEDIATE takes the write lock up front: a read-then-write transaction that had to
+    // upgrade could fail with SQLITE_BUSY regardless of busy_timeout.
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)
+}
+
+#[async_trait]
+impl TokenStore for SqliteStore {
+    async fn load(&self, key: &ConnectionKey) -> Result<Option<Connection>, StoreError> {
+        let key = key.clone();
+        self.run(move |conn, shared| {
+            read_row(conn, &key)?
+                .map(|row| decrypt_row(&shared.key, &key, row))
+                .transpose()
+        })
+        .await
+    }
+
+    /// Creates or replaces the connection. On replace, `created_at` restarts at `now`: it is
+    /// the time of the current consent (banks expire consents relative to it), and
+    /// `refreshed_at` is cleared because no refresh of this consent has happened yet.
+    async fn put_connection(
+        &self,
+        key: &ConnectionKey,
+        new: &NewConnection,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError> {
+        let sealed_refresh = self.seal(key, TokenColumn::RefreshToken, &new.refresh_token)?;
+        let sealed_access = new
+            .access
+            .as_ref()
+            .map(|access| {
+                Ok::<_, StoreError>((
+                    self.seal(key, TokenColumn::AccessToken, &access.token)?,
+                    access.expires_at,
+                ))
+            })
+            .transpose()?;
+        let (access_token, access_expires_at) = sealed_access.unzip();
+        let scope = new.scope.clone();
+        let stored_key = key.clone();
+        let version = self
+            .run(move |conn, shared| {
+                let tx = immediate(conn)?;
+                let previous: Option<i64> = tx
+                    .query_row(
+                        "SELECT version FROM connections WHERE key = ?1",
+                        params![stored_key.as_str()],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                let base = match previous {
+                    Some(version) => version,
+                    None => tx
+                        .query_row("SELECT version_floor FROM meta WHERE id = 1", [], |row| {
+                            row.get(0)
+                        })
+                        .map_err(unavailable)?,
+                };
+                let version = base + 1;
+                tx.execute(
+                    "INSERT INTO connections (key, status, refresh_token, access_token, \
+                     access_expires_at, scope, version, created_at, refreshed_at, updated_at, \
+                     key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?8, ?9) \
+                     ON CONFLICT (key) DO UPDATE SET status = excluded.status, \
+                     refresh_token = excluded.refresh_token, \
+                     access_token = excluded.access_token, \
+                     access_expires_at = excluded.access_expires_at, scope = excluded.scope, \
+                     version = excluded.version, created_at = excluded.created_at, \
+                     refreshed_at = NULL, updated_at = excluded.updated_at, \
+                     key_id = excluded.key_id",
+                    params![
+                        stored_key.as_str(),
+                        ConnectionStatus::Active.as_str(),
+                        sealed_refresh,
+                        access_token,
+                        access_expires_at,
+                        scope,
+                        version,
+                        now,
+                        shared.key_id,
+                    ],
+                )
+                .map_err(unavailable)?;
+                tx.commit().map_err(unavailable)?;
+                Ok(version)
+            })
+            .await?;
+        Ok(Connection {
+            key: key.clone(),
+            status: ConnectionStatus::Active,
+            refresh_token: new.refresh_token.clone(),
+            access: new.access.clone(),
+            scope: new.scope.clone(),
+            version,
+            created_at: now,
+            refreshed_at: None,
+        })
+    }
+
+    /// A grant without `scope` keeps the stored scope (OAuth: omitted means unchanged). The
+    /// status is left as it is: a refresh never revives a connection.
+    async fn commit_refresh(
+        &self,
+        key: &ConnectionKey,
+        expected_version: i64,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError> {
+        let sealed_access = self.seal(key, TokenColumn::AccessToken, &grant.access.token)?;
+        let sealed_refresh = grant
+            .refresh_token
+            .as_ref()
+            .map(|token| self.seal(key, TokenColumn::RefreshToken, token))
+            .transpose()?;
+        let expires_at = grant.access.expires_at;
+        let new_refresh = grant.refresh_token.clone();
+        let new_scope = grant.scope.clone();
+        let access = grant.access.clone();
+        let key = key.clone();
+        self.run(move |conn, shared| {
+            let tx = immediate(conn)?;
+            let row = read_row(&tx, &key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            if row.version != expected_version {
+                return Err(StoreError::Conflict(key.clone()));
+            }
+            let status = parse_status(&key, &row.status)?;
+            // Without a rotated token the old one stays in force; it is only decrypted to be
+            // returned, and a row whose old token is unreadable is refused before any write.
+            let refresh_token = match new_refresh {
+                Some(token) => token,
+                None => open_token(
+                    &shared.key,
+                    &key,
+                    TokenColumn::RefreshToken,
+                    &row.refresh_token,
+                )?,
+            };
+            let scope = new_scope.or(row.scope);
+            let changed = tx
+                .execute(
+                    "UPDATE connections SET access_token = ?1, access_expires_at = ?2, \
+                     refresh_token = COALESCE(?3, refresh_token), scope = ?4, \
+                     version = version + 1, refreshed_at = ?5, updated_at = ?5, key_id = ?6 \
+                     WHERE key = ?7 AND version = ?8",
+                    params![
+                        sealed_access,
+                        expires_at,
+                        sealed_refresh,
+                        scope,
+                        now,
+                        shared.key_id,
+                        key.as_str(),
+                        expected_version,
+                    ],
+                )
+                .map_err(unavailable)?;
+            // Cannot happen inside this IMMEDIATE transaction; kept as the CAS of record.
+            if changed != 1 {
+                return Err(StoreError::Conflict(key.clone()));
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(Connection {
+                key,
+                status,
+                refresh_token,
+                access: Some(access),
+                scope,
+                version: expected_version + 1,
+                created_at: row.created_at,
+                refreshed_at: Some(now),
+            })
+        })
+        .await
+    }
+
+    /// Moves the version on too, so a refresh in flight cannot overwrite the new status.
+    async fn set_status(
+        &self,
+        key: &ConnectionKey,
+        status: ConnectionStatus,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.run(move |conn, _| {
+            let tx = immediate(conn)?;
+            let changed = tx
+                .execute(
+                    "UPDATE connections SET status = ?1, version = version + 1, updated_at = ?2 \
+                     WHERE key = ?3",
+                    params![status.as_str(), now, key.as_str()],
+                )
+                .map_err(unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(key));
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &ConnectionKey) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.run(move |conn, _| {
+            let tx = immediate(conn)?;
+            let version: Option<i64> = tx
+                .query_row(
+                    "DELETE FROM connections WHERE key = ?1 RETURNING version",
+                    params![key.as_str()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some(version) = version else {
+                return Ok(false);
+            };
+            tx.execute(
+                "UPDATE meta SET version_floor = max(version_floor, ?1) WHERE id = 1",
+                params![version],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Rows whose key or status is unreadable are left out (and logged), so one damaged row
+    /// cannot hide every other connection from operators.
+    async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
+        self.run(|conn, _| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT key, status, version, created_at, refreshed_at FROM connections \
+                     ORDER BY key",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, UnixSeconds>(3)?,
+                        row.get::<_, Option<UnixSeconds>>(4)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            let mut summaries = Vec::new();
+            for row in rows {
+                let (stored, status, version, created_at, refreshed_at) =
+                    row.map_err(unavailable)?;
+                let Ok(key) = ConnectionKey::from_stored(&stored) else {
+                    tracing::warn!("token store holds a row with an invalid connection key");
+                    continue;
+                };
+                let Ok(status) = parse_status(&key, &status) else {
+                    continue;
+                };
+                summaries.push(ConnectionSummary {
+                    key,
+                    status,
+                    version,
+                    created_at,
+                    refreshed_at,
+                });
+            }
+            Ok(summaries)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_configures_wal_full_sync_and_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), EncryptionKey::generate()).unwrap();
+        let conn = store.shared.conn.lock().unwrap();
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |row| {
+                row.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|v| match v {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            })
+            .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "2");
+        assert_eq!(pragma("busy_timeout"), "5000");
+        assert_eq!(pragma("user_version"), SCHEMA_VERSION.to_string());
+        assert_eq!(pragma("secure_delete"), "1");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn new_store_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let _store = SqliteStore::open(&path, EncryptionKey::generate()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema_and_foreign_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = dir.path().join("newer.db");
+        drop(SqliteStore::open(&newer, EncryptionKey::generate()).unwrap());
+        DbConnection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = SqliteStore::open(&newer, EncryptionKey::generate()).unwrap_err();
+        assert!(
+            matches!(err, OpenError::UnsupportedSchema { found: 2, .. }),
+            "{err}"
+        );
+
+        let foreign = dir.path().join("foreign.db");
+        DbConnection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let err = SqliteStore::open(&foreign, EncryptionKey::generate()).unwrap_err();
+        assert!(matches!(err, OpenError::Damaged { .. }), "{err}");
+    }
+
+    #[test]
+    fn tampered_key_check_with_matching_key_id_is_damage_not_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let key = EncryptionKey::generate();
+        let again = EncryptionKey::from_base64(
+            secrecy::ExposeSecret::expose_secret(&key.to_base64()),
+            super::super::crypto::KeySource::Env("TEST".into()),
+        )
+        .unwrap();
+        drop(SqliteStore::open(&path, key).unwrap());
+        DbConnection::open(&path)
+            .unwrap()
+            .execute("UPDATE meta SET key_check = x'00'", [])
+            .unwrap();
+        let err = SqliteStore::open(&path, again).unwrap_err();
+        assert!(matches!(err, OpenError::Damaged { .. }), "{err}");
+    }
+}

@@ -1,0 +1,726 @@
+//! The SQLite token store against real files: durability across reopen, compare-and-swap,
+//! encryption at rest, tamper and wrong-key handling, key loading.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use finx_gateway::store::crypto::{EncryptionKey, KeyError, KeySource};
+use finx_gateway::store::sqlite::{OpenError, SqliteStore};
+use finx_gateway::store::{
+    AccessToken, ConnectionKey, ConnectionStatus, NewConnection, StoreError, TokenGrant, TokenStore,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tempfile::TempDir;
+
+const NOW: i64 = 1_700_000_000;
+
+fn user(id: &str) -> ConnectionKey {
+    ConnectionKey::user(id).unwrap()
+}
+
+fn secret(s: &str) -> SecretString {
+    SecretString::from(s)
+}
+
+fn new_connection(refresh: &str, access: Option<(&str, i64)>) -> NewConnection {
+    NewConnection {
+        refresh_token: secret(refresh),
+        access: access.map(|(token, expires_at)| AccessToken {
+            token: secret(token),
+            expires_at,
+        }),
+        scope: Some("accounts transactions".to_owned()),
+    }
+}
+
+fn grant(access: &str, expires_at: i64, refresh: Option<&str>) -> TokenGrant {
+    TokenGrant {
+        access: AccessToken {
+            token: secret(access),
+            expires_at,
+        },
+        refresh_token: refresh.map(secret),
+        scope: None,
+    }
+}
+
+/// A second handle on the same key, as a restart reading the same key file would have.
+fn same_key(key: &EncryptionKey) -> EncryptionKey {
+    EncryptionKey::from_base64(
+        key.to_base64().expose_secret(),
+        KeySource::Env("TEST".into()),
+    )
+    .unwrap()
+}
+
+struct Fixture {
+    dir: TempDir,
+    key: EncryptionKey,
+    store: SqliteStore,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = EncryptionKey::generate();
+        let store = SqliteStore::open(&dir.path().join("tokens.db"), same_key(&key)).unwrap();
+        Self { dir, key, store }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("tokens.db")
+    }
+
+    /// Closes the store and opens the file again, as a restarted gateway would.
+    fn reopen(&mut self) {
+        let path = self.path();
+        self.store = SqliteStore::open(&path, same_key(&self.key)).unwrap();
+    }
+
+    /// A plain SQLite connection on the same file, standing in for someone editing it.
+    fn raw(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path()).unwrap()
+    }
+
+    fn blob(&self, key: &str, column: &str) -> Vec<u8> {
+        self.raw()
+            .query_row(
+                &format!("SELECT {column} FROM connections WHERE key = ?1"),
+                [key],
+                |row| row.get(0),
+            )
+            .unwrap()
+    }
+
+    fn set_blob(&self, key: &str, column: &str, value: &[u8]) {
+        let changed = self
+            .raw()
+            .execute(
+                &format!("UPDATE connections SET {column} = ?1 WHERE key = ?2"),
+                rusqlite::params![value, key],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+}
+
+#[tokio::test]
+async fn put_then_load_round_trips() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    let put = fx
+        .store
+        .put_connection(
+            &alice,
+            &new_connection("r-alice", Some(("a-alice", NOW + 600))),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(put.version, 1);
+    assert_eq!(put.status, ConnectionStatus::Active);
+
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.key, alice);
+    assert_eq!(loaded.status, ConnectionStatus::Active);
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-alice");
+    let access = loaded.access.unwrap();
+    assert_eq!(access.token.expose_secret(), "a-alice");
+    assert_eq!(access.expires_at, NOW + 600);
+    assert_eq!(loaded.scope.as_deref(), Some("accounts transactions"));
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.created_at, NOW);
+    assert_eq!(loaded.refreshed_at, None);
+
+    let flow = ConnectionKey::flow("f-1").unwrap();
+    fx.store
+        .put_connection(&flow, &new_connection("r-flow", None), NOW)
+        .await
+        .unwrap();
+    let loaded = fx.store.load(&flow).await.unwrap().unwrap();
+    assert!(loaded.access.is_none());
+    assert!(fx.store.load(&user("nobody")).await.unwrap().is_none());
+
+    let listed = fx.store.list().await.unwrap();
+    let keys: Vec<_> = listed.iter().map(|s| s.key.clone()).collect();
+    assert_eq!(keys, vec![alice, flow]);
+}
+
+#[tokio::test]
+async fn put_connection_replaces_and_moves_the_version_on() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-1", None), NOW)
+        .await
+        .unwrap();
+    fx.store
+        .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 1)
+        .await
+        .unwrap();
+    let replaced = fx
+        .store
+        .put_connection(&alice, &new_connection("r-2", None), NOW + 2)
+        .await
+        .unwrap();
+    assert_eq!(replaced.version, 3);
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.status, ConnectionStatus::Active);
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
+    assert_eq!(loaded.version, 3);
+    // created_at is the time of the current consent.
+    assert_eq!(loaded.created_at, NOW + 2);
+}
+
+#[tokio::test]
+async fn commit_refresh_rotates_and_persists() {
+    let mut fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-old", Some(("a-old", NOW))), NOW)
+        .await
+        .unwrap();
+    let committed = fx
+        .store
+        .commit_refresh(
+            &alice,
+            1,
+            &grant("a-new", NOW + 900, Some("r-new")),
+            NOW + 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed.version, 2);
+    assert_eq!(committed.refresh_token.expose_secret(), "r-new");
+    assert_eq!(committed.refreshed_at, Some(NOW + 10));
+
+    fx.reopen();
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-new");
+    let access = loaded.access.unwrap();
+    assert_eq!(access.token.expose_secret(), "a-new");
+    assert_eq!(access.expires_at, NOW + 900);
+    assert_eq!(loaded.version, 2);
+    assert_eq!(loaded.created_at, NOW);
+    assert_eq!(loaded.refreshed_at, Some(NOW + 10));
+    // A grant without scope keeps the stored one.
+    assert_eq!(loaded.scope.as_deref(), Some("accounts transactions"));
+}
+
+#[tokio::test]
+async fn commit_refresh_without_a_refresh_token_keeps_the_old_one() {
+    let mut fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-keep", None), NOW)
+        .await
+        .unwrap();
+    let committed = fx
+        .store
+        .commit_refresh(&alice, 1, &grant("a-new", NOW + 900, None), NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(committed.refresh_token.expose_secret(), "r-keep");
+    assert_eq!(committed.access.unwrap().token.expose_secret(), "a-new");
+
+    fx.reopen();
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-keep");
+    assert_eq!(loaded.access.unwrap().token.expose_secret(), "a-new");
+    assert_eq!(loaded.version, 2);
+}
+
+#[tokio::test]
+async fn commit_refresh_with_a_stale_version_conflicts_and_writes_nothing() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-1", None), NOW)
+        .await
+        .unwrap();
+    fx.store
+        .commit_refresh(&alice, 1, &grant("a-2", NOW + 900, Some("r-2")), NOW)
+        .await
+        .unwrap();
+    let err = fx
+        .store
+        .commit_refresh(&alice, 1, &grant("a-x", NOW + 900, Some("r-x")), NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(k) if *k == alice),
+        "{err}"
+    );
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
+    assert_eq!(loaded.version, 2);
+
+    let bob = user("bob");
+    let err = fx
+        .store
+        .commit_refresh(&bob, 1, &grant("a", NOW, Some("r")), NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NotFound(k) if *k == bob),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn set_status_persists_and_invalidates_refreshes_in_flight() {
+    let mut fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-1", None), NOW)
+        .await
+        .unwrap();
+    fx.store
+        .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 5)
+        .await
+        .unwrap();
+    let err = fx
+        .store
+        .commit_refresh(&alice, 1, &grant("a", NOW, Some("r-2")), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+
+    fx.reopen();
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.status, ConnectionStatus::ReauthRequired);
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-1");
+    assert_eq!(loaded.version, 2);
+    let listed = fx.store.list().await.unwrap();
+    assert_eq!(listed[0].status, ConnectionStatus::ReauthRequired);
+
+    let err = fx
+        .store
+        .set_status(&user("bob"), ConnectionStatus::Revoked, NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn delete_removes_and_a_recreated_connection_never_reuses_a_version() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-1", None), NOW)
+        .await
+        .unwrap();
+    fx.store
+        .commit_refresh(&alice, 1, &grant("a", NOW, Some("r-2")), NOW)
+        .await
+        .unwrap();
+    assert!(fx.store.delete(&alice).await.unwrap());
+    assert!(!fx.store.delete(&alice).await.unwrap());
+    assert!(fx.store.load(&alice).await.unwrap().is_none());
+
+    let recreated = fx
+        .store
+        .put_connection(&alice, &new_connection("r-new-consent", None), NOW)
+        .await
+        .unwrap();
+    assert_eq!(recreated.version, 3);
+    // A refresh that loaded version 2 before the delete must not land on the new consent.
+    let err = fx
+        .store
+        .commit_refresh(&alice, 2, &grant("a", NOW, Some("r-stale")), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+/// Every form in which a token could leak into a file: the raw text (a prefix and a window from
+/// the middle) and its base64 at each of the three byte alignments, standard and URL-safe.
+fn leak_needles(token: &str) -> Vec<Vec<u8>> {
+    let bytes = token.as_bytes();
+    let mut needles = vec![bytes[..24].to_vec(), bytes[1000..1032].to_vec()];
+    for offset in 0..3 {
+        for encoded in [
+            STANDARD.encode(&bytes[offset..]),
+            URL_SAFE_NO_PAD.encode(&bytes[offset..]),
+        ] {
+            needles.push(encoded.as_bytes()[..24].to_vec());
+            needles.push(encoded.as_bytes()[1000..1040].to_vec());
+        }
+    }
+    needles
+}
+
+fn find_leak(haystack: &[u8], token: &str) -> Option<usize> {
+    leak_needles(token).iter().position(|needle| {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+    })
+}
+
+/// A 2000+ character token with no repeating window, so any 24-byte piece of it is unique.
+fn canary(kind: &str) -> String {
+    let mut token = format!("CANARY-{kind}-");
+    let mut i = 0;
+    while token.len() < 2100 {
+        token.push_str(&format!("{kind}{i:05}."));
+        i += 1;
+    }
+    token
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn leak_detection_finds_raw_and_base64_copies() {
+    let token = canary("SELFTEST");
+    for offset in 0..3 {
+        let mut file = b"junk".to_vec();
+        file.extend_from_slice(STANDARD.encode(&token.as_bytes()[offset..]).as_bytes());
+        assert!(find_leak(&file, &token).is_some());
+    }
+    assert!(find_leak(format!("xx{token}xx").as_bytes(), &token).is_some());
+    assert!(find_leak(b"nothing here", &token).is_none());
+}
+
+#[tokio::test]
+async fn tokens_are_encrypted_at_rest_in_the_database_and_the_wal() {
+    let fx = Fixture::new();
+    let canaries = [
+        canary("REFRESH"),
+        canary("ACCESS"),
+        canary("ROTATED"),
+        canary("ACCESS2"),
+    ];
+    let alice = user("canary-user");
+    fx.store
+        .put_connection(
+            &alice,
+            &new_connection(&canaries[0], Some((&canaries[1], NOW))),
+            NOW,
+        )
+        .await
+        .unwrap();
+    fx.store
+        .commit_refresh(
+            &alice,
+            1,
+            &grant(&canaries[3], NOW, Some(&canaries[2])),
+            NOW,
+        )
+        .await
+        .unwrap();
+
+    let wal_path = PathBuf::from(format!("{}-wal", fx.path().display()));
+    let wal = read(&wal_path);
+    // Not vacuous: the rows really are in the WAL (their plaintext key is), just not the tokens.
+    assert!(wal.windows(11).any(|w| w == b"canary-user"));
+    for (path, bytes) in [(fx.path(), read(&fx.path())), (wal_path, wal)] {
+        for token in &canaries {
+            assert_eq!(
+                find_leak(&bytes, token),
+                None,
+                "{} leaks a token",
+                path.display()
+            );
+        }
+    }
+
+    // After a clean close SQLite checkpoints the WAL into the main file.
+    let Fixture { dir, store, .. } = fx;
+    drop(store);
+    let db = read(&dir.path().join("tokens.db"));
+    assert!(db.windows(11).any(|w| w == b"canary-user"));
+    for token in &canaries {
+        assert_eq!(find_leak(&db, token), None);
+    }
+}
+
+#[tokio::test]
+async fn a_tampered_ciphertext_fails_only_its_own_connection() {
+    let fx = Fixture::new();
+    let (alice, bob) = (user("alice"), user("bob"));
+    for key in [&alice, &bob] {
+        fx.store
+            .put_connection(key, &new_connection("refresh", Some(("access", NOW))), NOW)
+            .await
+            .unwrap();
+    }
+    let mut tampered = fx.blob("alice", "refresh_token");
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x01;
+    fx.set_blob("alice", "refresh_token", &tampered);
+
+    let err = fx.store.load(&alice).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(k) if *k == alice),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("refresh"));
+    let loaded = fx.store.load(&bob).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "refresh");
+    // Reads neither repair nor delete: the evidence stays for the operator.
+    assert_eq!(fx.blob("alice", "refresh_token"), tampered);
+    assert_eq!(fx.store.list().await.unwrap().len(), 2);
+    // Keeping the unreadable old token is impossible, so such a refresh is refused unwritten.
+    let err = fx
+        .store
+        .commit_refresh(&alice, 1, &grant("a", NOW, None), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert_eq!(fx.blob("alice", "refresh_token"), tampered);
+
+    // The access token column is authenticated too.
+    let mut access = fx.blob("bob", "access_token");
+    access[0] ^= 0xff;
+    fx.set_blob("bob", "access_token", &access);
+    let err = fx.store.load(&bob).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(k) if *k == bob), "{err}");
+}
+
+#[tokio::test]
+async fn a_ciphertext_copied_to_another_row_or_column_is_corrupt() {
+    let fx = Fixture::new();
+    let (alice, bob) = (user("alice"), user("bob"));
+    fx.store
+        .put_connection(
+            &alice,
+            &new_connection("r-alice", Some(("a-alice", NOW))),
+            NOW,
+        )
+        .await
+        .unwrap();
+    fx.store
+        .put_connection(&bob, &new_connection("r-bob", None), NOW)
+        .await
+        .unwrap();
+
+    // Into another row: Bob must never be served Alice's token.
+    fx.set_blob("bob", "refresh_token", &fx.blob("alice", "refresh_token"));
+    let err = fx.store.load(&bob).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(k) if *k == bob), "{err}");
+
+    // Into another column of the same row.
+    fx.set_blob("alice", "access_token", &fx.blob("alice", "refresh_token"));
+    let err = fx.store.load(&alice).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(k) if *k == alice),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_wrong_key_refuses_to_open_and_names_both_key_ids() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-1", None), NOW)
+        .await
+        .unwrap();
+    let Fixture { dir, key, store } = fx;
+    drop(store);
+    let path = dir.path().join("tokens.db");
+
+    let wrong = EncryptionKey::generate();
+    let wrong_id = wrong.key_id();
+    let wrong_b64 = wrong.to_base64();
+    let err = SqliteStore::open(&path, wrong).unwrap_err();
+    match &err {
+        OpenError::WrongKey {
+            expected_key_id,
+            given_key_id,
+        } => {
+            assert_eq!(expected_key_id, &key.key_id());
+            assert_eq!(given_key_id, &wrong_id);
+        }
+        other => panic!("expected WrongKey, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("does not match"), "{message}");
+    for text in [message, format!("{err:?}")] {
+        assert!(text.contains(&key.key_id()), "{text}");
+        assert!(text.contains(&wrong_id), "{text}");
+        assert!(!text.contains(key.to_base64().expose_secret()));
+        assert!(!text.contains(wrong_b64.expose_secret()));
+    }
+
+    // Refusing changed nothing: the right key still reads the data.
+    let store = SqliteStore::open(&path, same_key(&key)).unwrap();
+    let loaded = store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-1");
+}
+
+#[test]
+fn key_files_and_variables_load_and_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = EncryptionKey::generate();
+    let encoded = key.to_base64();
+
+    let file = dir.path().join("key");
+    std::fs::write(&file, format!("\n  {}\n", encoded.expose_secret())).unwrap();
+    assert_eq!(
+        EncryptionKey::from_file(&file).unwrap().key_id(),
+        key.key_id()
+    );
+    assert_eq!(
+        KeySource::File(file.clone()).load().unwrap().key_id(),
+        key.key_id()
+    );
+
+    // The name is unique to this test and nothing else in this binary reads it.
+    let var = "FINX_GATEWAY_STORE_TEST_KEY_5e1f";
+    std::env::set_var(var, format!("{}\n", encoded.expose_secret()));
+    assert_eq!(EncryptionKey::from_env(var).unwrap().key_id(), key.key_id());
+    assert_eq!(
+        KeySource::Env(var.into()).load().unwrap().key_id(),
+        key.key_id()
+    );
+    std::env::remove_var(var);
+
+    let missing_var = "FINX_GATEWAY_STORE_TEST_KEY_NEVER_SET_7c2a";
+    let err = EncryptionKey::from_env(missing_var).unwrap_err();
+    assert!(matches!(err, KeyError::EnvVarMissing { .. }));
+    assert!(err.to_string().contains(missing_var), "{err}");
+    assert!(err.to_string().contains("not set"), "{err}");
+
+    let missing_file = dir.path().join("absent");
+    let err = EncryptionKey::from_file(&missing_file).unwrap_err();
+    assert!(matches!(err, KeyError::FileUnreadable { .. }));
+    assert!(err.to_string().contains("absent"), "{err}");
+
+    let bad = dir.path().join("bad");
+    let bad_content = "not*base64*SECRETISH-CONTENT";
+    std::fs::write(&bad, bad_content).unwrap();
+    let err = EncryptionKey::from_file(&bad).unwrap_err();
+    assert!(matches!(err, KeyError::BadEncoding { .. }));
+    assert!(
+        err.to_string().contains("not valid standard base64"),
+        "{err}"
+    );
+    assert!(!format!("{err} {err:?}").contains("SECRETISH"));
+
+    let short = dir.path().join("short");
+    let short_content = STANDARD.encode([9u8; 16]);
+    std::fs::write(&short, &short_content).unwrap();
+    let err = EncryptionKey::from_file(&short).unwrap_err();
+    assert!(matches!(err, KeyError::WrongLength { actual: 16, .. }));
+    assert!(err.to_string().contains("16 bytes; expected 32"), "{err}");
+    assert!(!format!("{err} {err:?}").contains(&short_content));
+
+    let long = STANDARD.encode([9u8; 48]);
+    let err = EncryptionKey::from_base64(&long, KeySource::Env("X".into())).unwrap_err();
+    assert!(matches!(err, KeyError::WrongLength { actual: 48, .. }));
+
+    let binary = dir.path().join("binary");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+    let err = EncryptionKey::from_file(&binary).unwrap_err();
+    assert!(matches!(err, KeyError::BadEncoding { .. }));
+}
+
+#[tokio::test]
+async fn large_tokens_round_trip() {
+    let mut fx = Fixture::new();
+    let alice = user("alice");
+    let refresh = "R".repeat(2048);
+    let access = "A".repeat(64 * 1024);
+    fx.store
+        .put_connection(&alice, &new_connection(&refresh, Some((&access, NOW))), NOW)
+        .await
+        .unwrap();
+    let rotated = "N".repeat(8192);
+    fx.store
+        .commit_refresh(&alice, 1, &grant(&access, NOW, Some(&rotated)), NOW)
+        .await
+        .unwrap();
+    fx.reopen();
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), rotated);
+    assert_eq!(loaded.access.unwrap().token.expose_secret(), access);
+}
+
+async fn race_commits(stores: Vec<Arc<dyn TokenStore>>, alice: &ConnectionKey) -> String {
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = Arc::clone(&stores[i % stores.len()]);
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                let refresh = format!("r-{i}");
+                store
+                    .commit_refresh(&alice, 1, &grant("a", NOW, Some(&refresh)), NOW)
+                    .await
+                    .map(|c| c.refresh_token.expose_secret().to_owned())
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(refresh) => winners.push(refresh),
+            Err(StoreError::Conflict(k)) => assert_eq!(&k, alice),
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one refresh may commit: {winners:?}"
+    );
+    winners.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_with_the_same_version_let_exactly_one_win() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-0", None), NOW)
+        .await
+        .unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(fx.store.clone());
+    let winner = race_commits(vec![store], &alice).await;
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), winner);
+    assert_eq!(loaded.version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_through_two_handles_on_one_file_let_exactly_one_win() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    fx.store
+        .put_connection(&alice, &new_connection("r-0", None), NOW)
+        .await
+        .unwrap();
+    let second = SqliteStore::open(&fx.path(), same_key(&fx.key)).unwrap();
+    let stores: Vec<Arc<dyn TokenStore>> = vec![Arc::new(fx.store.clone()), Arc::new(second)];
+    let winner = race_commits(stores, &alice).await;
+    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), winner);
+    assert_eq!(loaded.version, 2);
+}
+
+#[tokio::test]
+async fn debug_output_never_shows_tokens_or_keys() {
+    let fx = Fixture::new();
+    let alice = user("alice");
+    let put = fx
+        .store
+        .put_connection(
+            &alice,
+            &new_connection("r-SECRET", Some(("a-SECRET", NOW))),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let debug = format!("{put:?} {:?} {:?}", fx.store, fx.key);
+    assert!(!debug.contains("SECRET"), "{debug}");
+    assert!(!debug.contains(fx.key.to_base64().expose_secret()));
+    assert!(debug.contains(&fx.key.key_id()));
+    assert_eq!(fx.store.path(), fx.path());
+    assert_eq!(fx.store.key_id(), fx.key.key_id());
+}
