@@ -128,8 +128,6 @@ fn serve(path: &Path) -> Result<(), String> {
 
 fn check_config(path: &Path) -> Result<(), String> {
     let config = load(path)?;
-    EncryptionKey::from_base64(config.store.encryption_key.expose_secret())
-        .map_err(|e| format!("1 configuration error(s):\n  - store.encryption_key: {e}"))?;
     println!(
         "{}: OK (listen {}, upstream {}, store {})",
         path.display(),

@@ -163,7 +163,7 @@ impl From<TokenError> for GatewayError {
             TokenError::Timeout => Self::UpstreamTimeout {
                 retry_after_secs: 1,
             },
-            TokenError::Store(_) => Self::StoreUnavailable,
+            TokenError::Store => Self::StoreUnavailable,
             TokenError::Internal => Self::Internal,
         }
     }

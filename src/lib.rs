@@ -35,7 +35,6 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::proxy::FinxProxy;
-use crate::store::crypto::EncryptionKey;
 use crate::store::sqlite::SqliteStore;
 use crate::store::TokenStore;
 use crate::tokens::{TokenClient, TokenManager};
@@ -55,7 +54,10 @@ pub enum StartError {
 
 /// Opens the configured token store; a key that does not match the store refuses to open.
 pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
-    let key = EncryptionKey::from_base64(config.store.encryption_key.expose_secret())
+    let key = config
+        .store
+        .encryption_key
+        .load()
         .map_err(|e| StartError::Key(e.to_string()))?;
     let store = SqliteStore::open(&config.store.path, key).map_err(|e| StartError::Store(e.to_string()))?;
     Ok(Arc::new(store))

@@ -14,6 +14,8 @@ use http::HeaderName;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::store::crypto::KeySource;
+
 pub use file::ConfigFile;
 pub use secret::SecretRef;
 
@@ -79,8 +81,8 @@ pub struct ClientConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// The encryption key as configured (base64 text), parsed by the store's crypto.
-    pub encryption_key: SecretString,
+    /// Where the encryption key is read from (checked during validation).
+    pub encryption_key: KeySource,
 }
 
 /// Token caching and refresh.
@@ -177,12 +179,7 @@ impl Config {
                 None
             }
         };
-        let encryption_key = required_secret(
-            "store.encryption_key",
-            file.store.encryption_key.as_ref(),
-            base_dir,
-            &mut errors,
-        );
+        let encryption_key = key_source(file.store.encryption_key.as_ref(), base_dir, &mut errors);
 
         let refresh_skew = file.tokens.refresh_skew.unwrap_or(Duration::from_secs(60));
         if refresh_skew >= Duration::from_secs(3600) {
@@ -293,6 +290,32 @@ fn required_secret(
         .resolve(base_dir)
         .map_err(|e| errors.push(format!("{key}: {e}")))
         .ok()
+}
+
+fn key_source(
+    reference: Option<&SecretRef>,
+    base_dir: &Path,
+    errors: &mut Vec<String>,
+) -> Option<KeySource> {
+    let source = match reference {
+        Some(SecretRef::Env(var)) => KeySource::Env(var.clone()),
+        Some(SecretRef::File(path)) => KeySource::File(base_dir.join(path)),
+        None => {
+            errors.push(
+                "store.encryption_key: required, as { env = \"VAR\" } or { file = \"path\" }"
+                    .to_owned(),
+            );
+            return None;
+        }
+    };
+    // Load once now so a bad key is reported with the other problems, not at first use.
+    match source.load() {
+        Ok(_) => Some(source),
+        Err(e) => {
+            errors.push(format!("store.encryption_key: {e}"));
+            None
+        }
+    }
 }
 
 fn header_name(key: &str, value: &str, errors: &mut Vec<String>) -> Option<HeaderName> {

@@ -75,9 +75,8 @@ fn names_auth(raw_path: &str) -> bool {
     // Decode twice: a server that double-decodes turns `%2561uth` into `auth`.
     let once = percent_decode_str(raw_path).decode_utf8_lossy();
     let twice = percent_decode_str(&once).decode_utf8_lossy();
-    [once.as_ref(), twice.as_ref()]
-        .into_iter()
-        .any(|reading| first_segment(reading).is_some_and(|s| s.eq_ignore_ascii_case("auth")))
+    let names = |reading: &str| first_segment(reading).is_some_and(|s| s.eq_ignore_ascii_case("auth"));
+    names(&once) || names(&twice)
 }
 
 /// The first path segment after `\`→`/`, empty and dot segments removed, `..` resolved and

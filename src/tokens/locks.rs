@@ -39,7 +39,8 @@ impl KeyedLocks {
     }
 
     /// Number of keys currently tracked (for tests).
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
