@@ -69,6 +69,24 @@ impl Fixture {
         Self { dir, key, store }
     }
 
+    /// Creates (or replaces) `key` at `NOW` with the standard scope.
+    async fn put(
+        &self,
+        key: &ConnectionKey,
+        refresh: &str,
+        access: Option<(&str, i64)>,
+    ) -> finx_gateway::store::Connection {
+        self.store
+            .put_connection(key, &new_connection(refresh, access), NOW)
+            .await
+            .unwrap()
+    }
+
+    /// Loads a connection that must exist and decrypt.
+    async fn load(&self, key: &ConnectionKey) -> finx_gateway::store::Connection {
+        self.store.load(key).await.unwrap().unwrap()
+    }
+
     fn path(&self) -> PathBuf {
         self.dir.path().join("tokens.db")
     }
@@ -111,18 +129,12 @@ async fn put_then_load_round_trips() {
     let fx = Fixture::new();
     let alice = user("alice");
     let put = fx
-        .store
-        .put_connection(
-            &alice,
-            &new_connection("r-alice", Some(("a-alice", NOW + 600))),
-            NOW,
-        )
-        .await
-        .unwrap();
+        .put(&alice, "r-alice", Some(("a-alice", NOW + 600)))
+        .await;
     assert_eq!(put.version, 1);
     assert_eq!(put.status, ConnectionStatus::Active);
 
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.key, alice);
     assert_eq!(loaded.status, ConnectionStatus::Active);
     assert_eq!(loaded.refresh_token.expose_secret(), "r-alice");
@@ -135,11 +147,8 @@ async fn put_then_load_round_trips() {
     assert_eq!(loaded.refreshed_at, None);
 
     let flow = ConnectionKey::flow("f-1").unwrap();
-    fx.store
-        .put_connection(&flow, &new_connection("r-flow", None), NOW)
-        .await
-        .unwrap();
-    let loaded = fx.store.load(&flow).await.unwrap().unwrap();
+    fx.put(&flow, "r-flow", None).await;
+    let loaded = fx.load(&flow).await;
     assert!(loaded.access.is_none());
     assert!(fx.store.load(&user("nobody")).await.unwrap().is_none());
 
@@ -152,10 +161,7 @@ async fn put_then_load_round_trips() {
 async fn put_connection_replaces_and_moves_the_version_on() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-1", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-1", None).await;
     fx.store
         .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 1)
         .await
@@ -166,7 +172,7 @@ async fn put_connection_replaces_and_moves_the_version_on() {
         .await
         .unwrap();
     assert_eq!(replaced.version, 3);
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.status, ConnectionStatus::Active);
     assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
     assert_eq!(loaded.version, 3);
@@ -178,10 +184,7 @@ async fn put_connection_replaces_and_moves_the_version_on() {
 async fn commit_refresh_rotates_and_persists() {
     let mut fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-old", Some(("a-old", NOW))), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-old", Some(("a-old", NOW))).await;
     let committed = fx
         .store
         .commit_refresh(
@@ -197,7 +200,7 @@ async fn commit_refresh_rotates_and_persists() {
     assert_eq!(committed.refreshed_at, Some(NOW + 10));
 
     fx.reopen();
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), "r-new");
     let access = loaded.access.unwrap();
     assert_eq!(access.token.expose_secret(), "a-new");
@@ -213,10 +216,7 @@ async fn commit_refresh_rotates_and_persists() {
 async fn commit_refresh_without_a_refresh_token_keeps_the_old_one() {
     let mut fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-keep", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-keep", None).await;
     let committed = fx
         .store
         .commit_refresh(&alice, 1, &grant("a-new", NOW + 900, None), NOW + 10)
@@ -226,7 +226,7 @@ async fn commit_refresh_without_a_refresh_token_keeps_the_old_one() {
     assert_eq!(committed.access.unwrap().token.expose_secret(), "a-new");
 
     fx.reopen();
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), "r-keep");
     assert_eq!(loaded.access.unwrap().token.expose_secret(), "a-new");
     assert_eq!(loaded.version, 2);
@@ -236,10 +236,7 @@ async fn commit_refresh_without_a_refresh_token_keeps_the_old_one() {
 async fn commit_refresh_with_a_stale_version_conflicts_and_writes_nothing() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-1", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-1", None).await;
     fx.store
         .commit_refresh(&alice, 1, &grant("a-2", NOW + 900, Some("r-2")), NOW)
         .await
@@ -253,7 +250,7 @@ async fn commit_refresh_with_a_stale_version_conflicts_and_writes_nothing() {
         matches!(&err, StoreError::Conflict(k) if *k == alice),
         "{err}"
     );
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
     assert_eq!(loaded.version, 2);
 
@@ -273,10 +270,7 @@ async fn commit_refresh_with_a_stale_version_conflicts_and_writes_nothing() {
 async fn set_status_persists_and_invalidates_refreshes_in_flight() {
     let mut fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-1", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-1", None).await;
     fx.store
         .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 5)
         .await
@@ -289,7 +283,7 @@ async fn set_status_persists_and_invalidates_refreshes_in_flight() {
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
 
     fx.reopen();
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.status, ConnectionStatus::ReauthRequired);
     assert_eq!(loaded.refresh_token.expose_secret(), "r-1");
     assert_eq!(loaded.version, 2);
@@ -308,10 +302,7 @@ async fn set_status_persists_and_invalidates_refreshes_in_flight() {
 async fn delete_removes_and_a_recreated_connection_never_reuses_a_version() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-1", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-1", None).await;
     fx.store
         .commit_refresh(&alice, 1, &grant("a", NOW, Some("r-2")), NOW)
         .await
@@ -320,11 +311,7 @@ async fn delete_removes_and_a_recreated_connection_never_reuses_a_version() {
     assert!(!fx.store.delete(&alice).await.unwrap());
     assert!(fx.store.load(&alice).await.unwrap().is_none());
 
-    let recreated = fx
-        .store
-        .put_connection(&alice, &new_connection("r-new-consent", None), NOW)
-        .await
-        .unwrap();
+    let recreated = fx.put(&alice, "r-new-consent", None).await;
     assert_eq!(recreated.version, 3);
     // A refresh that loaded version 2 before the delete must not land on the new consent.
     let err = fx
@@ -397,14 +384,8 @@ async fn tokens_are_encrypted_at_rest_in_the_database_and_the_wal() {
         canary("ACCESS2"),
     ];
     let alice = user("canary-user");
-    fx.store
-        .put_connection(
-            &alice,
-            &new_connection(&canaries[0], Some((&canaries[1], NOW))),
-            NOW,
-        )
-        .await
-        .unwrap();
+    fx.put(&alice, &canaries[0], Some((&canaries[1], NOW)))
+        .await;
     fx.store
         .commit_refresh(
             &alice,
@@ -445,10 +426,7 @@ async fn a_tampered_ciphertext_fails_only_its_own_connection() {
     let fx = Fixture::new();
     let (alice, bob) = (user("alice"), user("bob"));
     for key in [&alice, &bob] {
-        fx.store
-            .put_connection(key, &new_connection("refresh", Some(("access", NOW))), NOW)
-            .await
-            .unwrap();
+        fx.put(key, "refresh", Some(("access", NOW))).await;
     }
     let mut tampered = fx.blob("alice", "refresh_token");
     let middle = tampered.len() / 2;
@@ -461,7 +439,7 @@ async fn a_tampered_ciphertext_fails_only_its_own_connection() {
         "{err}"
     );
     assert!(!err.to_string().contains("refresh"));
-    let loaded = fx.store.load(&bob).await.unwrap().unwrap();
+    let loaded = fx.load(&bob).await;
     assert_eq!(loaded.refresh_token.expose_secret(), "refresh");
     // Reads neither repair nor delete: the evidence stays for the operator.
     assert_eq!(fx.blob("alice", "refresh_token"), tampered);
@@ -487,18 +465,8 @@ async fn a_tampered_ciphertext_fails_only_its_own_connection() {
 async fn a_ciphertext_copied_to_another_row_or_column_is_corrupt() {
     let fx = Fixture::new();
     let (alice, bob) = (user("alice"), user("bob"));
-    fx.store
-        .put_connection(
-            &alice,
-            &new_connection("r-alice", Some(("a-alice", NOW))),
-            NOW,
-        )
-        .await
-        .unwrap();
-    fx.store
-        .put_connection(&bob, &new_connection("r-bob", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-alice", Some(("a-alice", NOW))).await;
+    fx.put(&bob, "r-bob", None).await;
 
     // Into another row: Bob must never be served Alice's token.
     fx.set_blob("bob", "refresh_token", &fx.blob("alice", "refresh_token"));
@@ -518,10 +486,7 @@ async fn a_ciphertext_copied_to_another_row_or_column_is_corrupt() {
 async fn the_wrong_key_refuses_to_open_and_names_both_key_ids() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-1", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-1", None).await;
     let Fixture { dir, key, store } = fx;
     drop(store);
     let path = dir.path().join("tokens.db");
@@ -628,17 +593,14 @@ async fn large_tokens_round_trip() {
     let alice = user("alice");
     let refresh = "R".repeat(2048);
     let access = "A".repeat(64 * 1024);
-    fx.store
-        .put_connection(&alice, &new_connection(&refresh, Some((&access, NOW))), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, &refresh, Some((&access, NOW))).await;
     let rotated = "N".repeat(8192);
     fx.store
         .commit_refresh(&alice, 1, &grant(&access, NOW, Some(&rotated)), NOW)
         .await
         .unwrap();
     fx.reopen();
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), rotated);
     assert_eq!(loaded.access.unwrap().token.expose_secret(), access);
 }
@@ -677,13 +639,10 @@ async fn race_commits(stores: Vec<Arc<dyn TokenStore>>, alice: &ConnectionKey) -
 async fn concurrent_commits_with_the_same_version_let_exactly_one_win() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-0", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-0", None).await;
     let store: Arc<dyn TokenStore> = Arc::new(fx.store.clone());
     let winner = race_commits(vec![store], &alice).await;
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), winner);
     assert_eq!(loaded.version, 2);
 }
@@ -692,14 +651,11 @@ async fn concurrent_commits_with_the_same_version_let_exactly_one_win() {
 async fn concurrent_commits_through_two_handles_on_one_file_let_exactly_one_win() {
     let fx = Fixture::new();
     let alice = user("alice");
-    fx.store
-        .put_connection(&alice, &new_connection("r-0", None), NOW)
-        .await
-        .unwrap();
+    fx.put(&alice, "r-0", None).await;
     let second = SqliteStore::open(&fx.path(), same_key(&fx.key)).unwrap();
     let stores: Vec<Arc<dyn TokenStore>> = vec![Arc::new(fx.store.clone()), Arc::new(second)];
     let winner = race_commits(stores, &alice).await;
-    let loaded = fx.store.load(&alice).await.unwrap().unwrap();
+    let loaded = fx.load(&alice).await;
     assert_eq!(loaded.refresh_token.expose_secret(), winner);
     assert_eq!(loaded.version, 2);
 }
@@ -708,15 +664,7 @@ async fn concurrent_commits_through_two_handles_on_one_file_let_exactly_one_win(
 async fn debug_output_never_shows_tokens_or_keys() {
     let fx = Fixture::new();
     let alice = user("alice");
-    let put = fx
-        .store
-        .put_connection(
-            &alice,
-            &new_connection("r-SECRET", Some(("a-SECRET", NOW))),
-            NOW,
-        )
-        .await
-        .unwrap();
+    let put = fx.put(&alice, "r-SECRET", Some(("a-SECRET", NOW))).await;
     let debug = format!("{put:?} {:?} {:?}", fx.store, fx.key);
     assert!(!debug.contains("SECRET"), "{debug}");
     assert!(!debug.contains(fx.key.to_base64().expose_secret()));
