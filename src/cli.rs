@@ -94,6 +94,7 @@ fn execute(command: Command) -> Result<(), String> {
         Command::CheckConfig { config } => check_config(&config),
         Command::Sim(args) => crate::sim::run(args).map_err(|e| e.to_string()),
         Command::Demo(args) => crate::demo::run(args),
+
         Command::Connections(ConnectionsCommand::Import { config, user, flow }) => {
             let key = match (user, flow) {
                 (Some(user), _) => ConnectionKey::user(&user),
