@@ -1,0 +1,254 @@
+//! Test harness: the simulator and the gateway in-process on ephemeral loopback ports, a
+//! throwaway store, a manual clock, captured logs and a raw-socket HTTP client for path
+//! spellings a normal client would "fix".
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use finx_gateway::clock::{Clock, ManualClock};
+use finx_gateway::config::{Config, ConfigFile, LogFormat, SecretRef};
+use finx_gateway::sim::{SimConfig, SimControl, SimHandle};
+use finx_gateway::store::crypto::EncryptionKey;
+use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenStore};
+use finx_gateway::RunningGateway;
+use secrecy::{ExposeSecret, SecretString};
+
+/// Everything a gateway test needs. Dropping it stops gateway and simulator.
+pub struct Harness {
+    pub sim: SimHandle,
+    pub control: SimControl,
+    pub clock: ManualClock,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    gateway: Option<RunningGateway>,
+    store: Option<Arc<dyn TokenStore>>,
+    tweak: fn(&mut ConfigFile),
+}
+
+impl Harness {
+    /// Simulator with its control plane and default rules, gateway started.
+    pub fn start() -> Self {
+        Self::with(SimConfig::default().with_control(), |_| {})
+    }
+
+    /// A simulator with `sim` settings and a gateway whose config file `tweak` may change.
+    pub fn with(sim: SimConfig, tweak: fn(&mut ConfigFile)) -> Self {
+        capture_logs();
+        let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("store.key"),
+            EncryptionKey::generate().to_base64().expose_secret(),
+        )
+        .expect("key file");
+        let control = sim.control();
+        let mut harness = Self {
+            sim,
+            control,
+            clock: ManualClock::default(),
+            dir,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            gateway: None,
+            store: None,
+            tweak,
+        };
+        harness.start_gateway();
+        harness
+    }
+
+    /// The gateway config this harness runs.
+    pub fn config_file(&self) -> ConfigFile {
+        let secret_path = self.dir.path().join("client-secret");
+        std::fs::write(&secret_path, self.sim_config().client_secret).expect("secret file");
+        let mut file = ConfigFile::default();
+        file.listener.address = Some("127.0.0.1:0".into());
+        file.upstream.base_url = Some(self.sim.base_url());
+        file.upstream.allow_insecure_http = Some(true);
+        file.upstream.token_timeout = Some(Duration::from_secs(5));
+        file.client.id = Some(self.sim_config().client_id);
+        file.client.secret = Some(SecretRef::File(secret_path));
+        file.store.path = Some(self.store_path());
+        file.store.encryption_key = Some(SecretRef::File(self.dir.path().join("store.key")));
+        file.telemetry.level = Some("trace".into());
+        (self.tweak)(&mut file);
+        file
+    }
+
+    pub fn sim_config(&self) -> SimConfig {
+        self.sim.config().clone()
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("tokens.db")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_file(&self.config_file(), Path::new(".")).expect("valid test config")
+    }
+
+    /// (Re)starts the gateway, opening the store from disk as a new process would.
+    pub fn start_gateway(&mut self) {
+        self.stop_gateway();
+        let config = self.config();
+        let store = finx_gateway::open_store(&config).expect("store opens");
+        let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
+        self.gateway = Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
+        self.store = Some(store);
+    }
+
+    /// Stops the gateway (and closes its store).
+    pub fn stop_gateway(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop();
+        }
+        self.store = None;
+    }
+
+    pub fn gateway(&self) -> &RunningGateway {
+        self.gateway.as_ref().expect("gateway running")
+    }
+
+    pub fn store(&self) -> Arc<dyn TokenStore> {
+        self.store.clone().expect("gateway running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway().base_url())
+    }
+
+    /// Advances the simulator's and the gateway's clocks together.
+    pub async fn advance(&self, seconds: i64) {
+        self.control.advance_clock(seconds).await.expect("sim clock");
+        self.clock.advance(seconds);
+    }
+
+    /// Consents `user` at the simulator and stores only its refresh token, as an import does:
+    /// the first request must refresh. Returns the refresh token.
+    pub async fn import_user(&self, user: &str) -> String {
+        let grant = self.control.create_grant(user).await.expect("sim grant");
+        let connection = NewConnection {
+            refresh_token: SecretString::from(grant.refresh_token.clone()),
+            access: None,
+            scope: None,
+        };
+        self.store()
+            .put_connection(&ConnectionKey::user(user).unwrap(), &connection, self.clock.now())
+            .await
+            .expect("store put");
+        grant.refresh_token
+    }
+
+    /// Consents `user` and stores both tokens: the first request needs no refresh.
+    pub async fn seed_user(&self, user: &str) -> (String, String) {
+        let grant = self.control.create_grant(user).await.expect("sim grant");
+        let connection = NewConnection {
+            refresh_token: SecretString::from(grant.refresh_token.clone()),
+            access: Some(AccessToken {
+                token: SecretString::from(grant.access_token.clone()),
+                expires_at: self.clock.now() + grant.expires_in,
+            }),
+            scope: None,
+        };
+        self.store()
+            .put_connection(&ConnectionKey::user(user).unwrap(), &connection, self.clock.now())
+            .await
+            .expect("store put");
+        (grant.access_token, grant.refresh_token)
+    }
+
+    /// `GET path` through the gateway for `user`.
+    pub async fn get_as(&self, user: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .header("x-finx-user", user)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop_gateway();
+    }
+}
+
+/// A gateway error body's code.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    body["error"]["code"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Sends `request_line` + headers exactly as written and returns the status code.
+pub fn raw_request(addr: SocketAddr, raw: &str) -> u16 {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(raw.as_bytes()).expect("write");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the status line is complete; the gateway closes or keeps alive either way.
+    while !response.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `condition` holds or panics after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    while !condition().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every log line written in this test process so far.
+pub fn captured_logs() -> String {
+    let logs = LOGS.get_or_init(Default::default);
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs, once per test process, a subscriber that keeps every log line at trace level.
+fn capture_logs() {
+    let logs = LOGS.get_or_init(Default::default).clone();
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let writer = Capture(logs);
+        finx_gateway::telemetry::init_with_writer(LogFormat::Json, "trace", move || writer.clone());
+    });
+}
