@@ -188,7 +188,10 @@ pub(crate) fn load_static_key(
                         AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
                         AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
                         AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
-                        AlgorithmFamily::Hmac => DecodingKey::from_rsa_pem(&[]),
+                        // Excluded by the arm above; kept total rather than panicking.
+                        AlgorithmFamily::Hmac => {
+                            Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
+                        }
                     };
                     match decoded {
                         Ok(key) => Some((key, None)),
@@ -333,8 +336,10 @@ impl JwksSource {
     /// A broken file keeps the previous keys: a half-written rotation must not lock callers out.
     pub(crate) fn reload(&self, force: bool) {
         // Another thread already reloading is as good as us doing it.
-        let Ok(mut last) = self.stamp.try_lock() else {
-            return;
+        let mut last = match self.stamp.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
         let current = match stamp_of(&self.path) {
             Ok(stamp) => stamp,

@@ -187,13 +187,8 @@ impl CallerAuth {
 
         let mut static_keys = Vec::new();
         let mut signing_keys = Vec::new();
-        for key_file in &file.keys {
-            if file.keys.iter().filter(|k| k.kid == key_file.kid).count() > 1
-                && !static_keys
-                    .iter()
-                    .any(|k: &VerifyKey| k.kid == key_file.kid)
-                && !errors.iter().any(|e| e.contains("duplicate kid"))
-            {
+        for (index, key_file) in file.keys.iter().enumerate() {
+            if file.keys[..index].iter().any(|k| k.kid == key_file.kid) {
                 errors.push(format!("callers.keys: duplicate kid {:?}", key_file.kid));
             }
             match keys::load_static_key(key_file, base_dir) {
@@ -286,7 +281,7 @@ impl CallerAuth {
                 }
             }
         }
-        if services.is_empty() && file.services.is_empty() {
+        if file.services.is_empty() {
             errors.push("callers.services is empty; every caller would be forbidden".into());
         }
 
@@ -435,7 +430,6 @@ impl CallerAuth {
 
     /// Finds the key, enforces its allow-list, checks the signature. Returns the claims and a
     /// predicate telling whether a policy accepts the key that signed them.
-    #[allow(clippy::type_complexity)]
     fn verify<'a>(
         &'a self,
         token: &str,

@@ -143,6 +143,24 @@ impl RoutePattern {
     }
 }
 
+/// Parses every entry, reporting each failure with its config location.
+fn parse_each<T>(
+    texts: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+    context: &str,
+    field: &str,
+    errors: &mut Vec<String>,
+) -> Vec<T> {
+    texts
+        .iter()
+        .filter_map(|text| {
+            parse(text)
+                .map_err(|err| errors.push(format!("{context}: {field}: {err}")))
+                .ok()
+        })
+        .collect()
+}
+
 /// The validated policy of one calling service.
 #[derive(Debug)]
 pub(crate) struct ServicePolicy {
@@ -180,24 +198,20 @@ impl ServicePolicy {
                 "{context}: connections is empty; write [\"any\"], [\"claim:sub\"] or user ids"
             ));
         }
-        let users: Vec<UserRule> = file
-            .connections
-            .iter()
-            .filter_map(|text| {
-                UserRule::parse(text)
-                    .map_err(|err| errors.push(format!("{context}: connections: {err}")))
-                    .ok()
-            })
-            .collect();
-        let routes: Vec<RoutePattern> = file
-            .routes
-            .iter()
-            .filter_map(|text| {
-                RoutePattern::parse(text)
-                    .map_err(|err| errors.push(format!("{context}: routes: {err}")))
-                    .ok()
-            })
-            .collect();
+        let users = parse_each(
+            &file.connections,
+            UserRule::parse,
+            &context,
+            "connections",
+            errors,
+        );
+        let routes = parse_each(
+            &file.routes,
+            RoutePattern::parse,
+            &context,
+            "routes",
+            errors,
+        );
         if file.routes.is_empty() {
             errors.push(format!(
                 "{context}: routes is empty; the service could not call anything"
