@@ -394,8 +394,13 @@ impl CallerAuth {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::unauthenticated("invalid token"))?;
-        let (claims, key_matches_policy) = self.verify(token, &header)?;
-        let claims = self.check_claims(claims, now_unix)?;
+        let verified = self.verify(token, &header)?;
+        let kid = header
+            .kid
+            .as_deref()
+            .or(verified.kid_if_absent_from_header.as_deref())
+            .unwrap_or("");
+        let claims = self.check_claims(verified.claims, now_unix)?;
 
         let policy = self
             .services
@@ -406,7 +411,7 @@ impl CallerAuth {
                         == Some(s.subject.as_str())
             })
             .ok_or(AuthError::forbidden("no policy for this caller"))?;
-        if !key_matches_policy(policy) {
+        if !policy.allows_key(kid) {
             return Err(AuthError::forbidden("key not allowed for this caller"));
         }
         Ok(Caller {
@@ -428,13 +433,8 @@ impl CallerAuth {
         }
     }
 
-    /// Finds the key, enforces its allow-list, checks the signature. Returns the claims and a
-    /// predicate telling whether a policy accepts the key that signed them.
-    fn verify<'a>(
-        &'a self,
-        token: &str,
-        header: &'a Header,
-    ) -> Result<(Map<String, Value>, impl Fn(&ServicePolicy) -> bool + 'a), AuthError> {
+    /// Finds the key, enforces its allow-list and checks the signature.
+    fn verify(&self, token: &str, header: &Header) -> Result<Verified, AuthError> {
         let verify_with =
             |key: &VerifyKey| -> Result<(Map<String, Value>, Option<String>), AuthError> {
                 // Checked here as well as by jsonwebtoken so that a disallowed algorithm never
@@ -471,15 +471,10 @@ impl CallerAuth {
             },
         };
         let (claims, chosen_kid) = outcome.ok_or(AuthError::unauthenticated("unknown key"))??;
-        let key_matches_policy = move |policy: &ServicePolicy| {
-            let kid = header
-                .kid
-                .as_deref()
-                .or(chosen_kid.as_deref())
-                .unwrap_or("");
-            policy.allows_key(kid)
-        };
-        Ok((claims, key_matches_policy))
+        Ok(Verified {
+            claims,
+            kid_if_absent_from_header: chosen_kid,
+        })
     }
 
     /// Time, issuer and audience checks against the request's clock.
@@ -573,6 +568,13 @@ impl CallerAuth {
         jsonwebtoken::encode(&header, &claims, &key.key)
             .map_err(|err| MintError::Signing(err.to_string()))
     }
+}
+
+/// Claims whose signature checked out, before time/issuer/audience checks.
+struct Verified {
+    claims: Map<String, Value>,
+    /// The kid of the key used when the token header had none (the only configured key).
+    kid_if_absent_from_header: Option<String>,
 }
 
 /// Reads at most one value of `name`; two values are refused rather than guessed between.
