@@ -89,7 +89,7 @@ pub struct ServiceFile {
 pub struct RateLimitFile {
     /// Sustained requests per second.
     pub per_second: u32,
-    /// Requests allowed in a burst above the sustained rate; default `per_second`.
+    /// Most requests admitted at once after an idle spell; default `per_second`.
     pub burst: Option<u32>,
 }
 
