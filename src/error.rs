@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use http::StatusCode;
 
+use crate::callers::AuthError;
 use crate::store::StoreError;
 use crate::tokens::TokenError;
 
@@ -20,7 +21,7 @@ pub enum GatewayError {
     #[error("caller unauthenticated: {reason}")]
     CallerUnauthenticated {
         reason: &'static str,
-        www_authenticate: &'static str,
+        www_authenticate: String,
     },
     /// The caller's policy does not allow this user, route or flow.
     #[error("caller forbidden: {0}")]
@@ -133,7 +134,7 @@ impl GatewayError {
     }
 
     /// The `WWW-Authenticate` challenge of a 401.
-    pub fn www_authenticate(&self) -> Option<&'static str> {
+    pub fn www_authenticate(&self) -> Option<&str> {
         match self {
             Self::CallerUnauthenticated {
                 www_authenticate, ..
@@ -165,6 +166,23 @@ impl From<TokenError> for GatewayError {
             },
             TokenError::Store => Self::StoreUnavailable,
             TokenError::Internal => Self::Internal,
+        }
+    }
+}
+
+impl From<AuthError> for GatewayError {
+    fn from(error: AuthError) -> Self {
+        match &error {
+            AuthError::Unauthenticated { reason } => Self::CallerUnauthenticated {
+                reason,
+                www_authenticate: error
+                    .www_authenticate()
+                    .unwrap_or_else(|| "Bearer realm=\"finx-gateway\"".to_owned()),
+            },
+            AuthError::Forbidden { reason } => Self::CallerForbidden(reason),
+            AuthError::RateLimited { retry_after_secs } => Self::CallerRateLimited {
+                retry_after_secs: *retry_after_secs,
+            },
         }
     }
 }

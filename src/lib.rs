@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::proxy::FinxProxy;
+use crate::proxy::{FinxProxy, ProxyParts};
 use crate::store::sqlite::SqliteStore;
 use crate::store::TokenStore;
 use crate::tokens::{TokenClient, TokenManager};
@@ -116,15 +116,16 @@ pub fn build_server(config: &Config, tokens: TokenManager) -> Result<Server, Sta
     .map_err(|_| StartError::Setup("client id cannot be sent in a header".into()))?;
     client_basic.set_sensitive(true);
 
-    let proxy = FinxProxy::new(
+    let proxy = FinxProxy::new(ProxyParts {
         tokens,
+        callers: config.callers.clone(),
         peer,
         host,
-        upstream.path_prefix.clone(),
+        path_prefix: upstream.path_prefix.clone(),
         client_basic,
-        config.routing.user_header.clone(),
-        config.routing.flow_header.clone(),
-    );
+        user_header: config.routing.user_header.clone(),
+        flow_header: config.routing.flow_header.clone(),
+    });
     let mut service = http_proxy_service_with_name(&server.configuration, proxy, "finx-gateway");
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::secret_ref::SecretRef;
+use crate::config::SecretRef;
 
 /// The `[callers]` table.
 #[derive(Deserialize, Debug, Default, Clone)]

@@ -14,7 +14,7 @@ mod keys;
 mod listener;
 mod policy;
 mod rate;
-pub mod secret_ref;
+
 
 #[cfg(test)]
 mod tests;
@@ -30,7 +30,7 @@ use jsonwebtoken::{AlgorithmFamily, Header};
 use serde_json::{Map, Value};
 
 pub use config::{CallersFile, KeyFile, RateLimitFile, ServiceFile, TrustedLocalFile};
-pub use secret_ref::SecretRef;
+pub use crate::config::SecretRef;
 
 use keys::{JwksSource, SigningKey, VerifyKey};
 use policy::{ServicePolicy, UserRule};

@@ -28,6 +28,9 @@ pub struct ConfigFile {
     pub telemetry: TelemetryFile,
     #[serde(default)]
     pub server: ServerFile,
+    /// `[callers]`: caller authentication and per-service policy (see `crate::callers`).
+    #[serde(default)]
+    pub callers: crate::callers::CallersFile,
 }
 
 /// `[listener]`

@@ -8,12 +8,14 @@ pub mod secret;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::callers::CallerAuth;
 use crate::store::crypto::KeySource;
 
 pub use file::ConfigFile;
@@ -47,6 +49,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub telemetry: TelemetryConfig,
     pub server: ServerConfig,
+    /// Caller authentication and policy, validated and with its keys loaded.
+    pub callers: Arc<CallerAuth>,
 }
 
 /// finX, resolved once at start-up so the request path never does DNS.
@@ -226,6 +230,19 @@ impl Config {
         }
         let grace_period = file.server.grace_period.unwrap_or(Duration::from_secs(5));
 
+        let callers = match CallerAuth::from_file(&file.callers, base_dir) {
+            Ok(callers) => {
+                if let Err(e) = callers.check_listener(listen_text) {
+                    errors.push(format!("callers.mode: {e}"));
+                }
+                Some(Arc::new(callers))
+            }
+            Err(caller_errors) => {
+                errors.extend(caller_errors);
+                None
+            }
+        };
+
         match (
             listen,
             upstream,
@@ -236,6 +253,7 @@ impl Config {
             user_header,
             flow_header,
             format,
+            callers,
         ) {
             (
                 Some(listen),
@@ -247,6 +265,7 @@ impl Config {
                 Some(user_header),
                 Some(flow_header),
                 Some(format),
+                Some(callers),
             ) if errors.is_empty() => Ok(Config {
                 listen,
                 upstream,
@@ -268,6 +287,7 @@ impl Config {
                     threads,
                     grace_period,
                 },
+                callers,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -287,7 +307,7 @@ fn required_secret(
         return None;
     };
     reference
-        .resolve(base_dir)
+        .resolve_in(base_dir)
         .map_err(|e| errors.push(format!("{key}: {e}")))
         .ok()
 }

@@ -1,45 +1,109 @@
-//! References to secrets held outside the config file: `{ env = "VAR" }` or `{ file = "path" }`.
-//! A secret written inline in the config file is refused by the type itself.
+//! References to secrets kept outside the configuration file.
+//!
+//! Config files end up in repositories, tickets and log excerpts, so a secret is never written
+//! inline: the config names the environment variable or file that holds it. The gateway reuses
+//! [`SecretRef`] for its own secrets (e.g. the finX client secret).
 
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 use serde::Deserialize;
 
-/// Where a secret lives. The config file holds only this reference, never the value.
+/// Where a secret lives: `{ env = "VAR" }` or `{ file = "path" }` in TOML.
+///
+/// `Debug` shows only the variable name or path, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SecretRef {
-    /// An environment variable's value.
+    /// Name of an environment variable holding the secret.
     Env(String),
-    /// A file's content (surrounding whitespace trimmed); relative to the config file.
+    /// Path of a file holding the secret; relative paths are resolved against the config's
+    /// directory by [`SecretRef::resolve_in`], or the working directory by [`SecretRef::resolve`].
     File(PathBuf),
 }
 
 impl SecretRef {
-    /// Reads the secret. The error names where it looked, never what it found.
-    pub fn resolve(&self, base_dir: &Path) -> Result<SecretString, String> {
-        let raw = match self {
-            Self::Env(var) => std::env::var(var)
-                .map_err(|_| format!("environment variable {var} is not set (or not UTF-8)"))?,
-            Self::File(path) => {
-                let path = base_dir.join(path);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?
-            }
-        };
-        let trimmed = raw.trim();
-        if trimmed.is_empty() {
-            return Err(format!("{} is empty", self.describe()));
-        }
-        Ok(SecretString::from(trimmed.to_owned()))
+    /// Reads the secret, resolving a relative file path against the working directory.
+    pub fn resolve(&self) -> Result<SecretString, String> {
+        self.resolve_in(Path::new("."))
     }
 
-    /// Where the secret lives, for messages.
+    /// Reads the secret, resolving a relative file path against `base_dir`.
+    ///
+    /// One trailing line break is dropped from files because editors add one. Empty secrets are
+    /// refused: an empty HMAC key or client secret is always a deployment mistake. Error messages
+    /// name the variable or path only.
+    pub fn resolve_in(&self, base_dir: &Path) -> Result<SecretString, String> {
+        let value = match self {
+            SecretRef::Env(name) => std::env::var(name).map_err(|err| match err {
+                std::env::VarError::NotPresent => {
+                    format!("environment variable {name} is not set")
+                }
+                std::env::VarError::NotUnicode(_) => {
+                    format!("environment variable {name} is not valid UTF-8")
+                }
+            })?,
+            SecretRef::File(path) => {
+                let full = base_dir.join(path);
+                let mut text = std::fs::read_to_string(&full)
+                    .map_err(|err| format!("cannot read secret file {}: {err}", full.display()))?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                text
+            }
+        };
+        if value.is_empty() {
+            return Err(format!("secret from {} is empty", self.describe()));
+        }
+        Ok(SecretString::from(value))
+    }
+
+    /// A human-readable origin for error messages, e.g. `env CALLER_KEY`.
     pub fn describe(&self) -> String {
         match self {
-            Self::Env(var) => format!("environment variable {var}"),
-            Self::File(path) => format!("file {}", path.display()),
+            SecretRef::Env(name) => format!("env {name}"),
+            SecretRef::File(path) => format!("file {}", path.display()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[derive(Deserialize)]
+    struct Holder {
+        secret: SecretRef,
+    }
+
+    #[test]
+    fn parses_env_and_file_forms() {
+        let env: Holder = toml::from_str(r#"secret = { env = "X" }"#).unwrap();
+        assert_eq!(env.secret, SecretRef::Env("X".into()));
+        let file: Holder = toml::from_str(r#"secret = { file = "k.txt" }"#).unwrap();
+        assert_eq!(file.secret, SecretRef::File("k.txt".into()));
+        assert!(toml::from_str::<Holder>(r#"secret = "inline""#).is_err());
+        assert!(toml::from_str::<Holder>(r#"secret = { value = "inline" }"#).is_err());
+    }
+
+    #[test]
+    fn file_secret_drops_trailing_newline_and_refuses_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "hunter2\n").unwrap();
+        let secret = SecretRef::File("s".into()).resolve_in(dir.path()).unwrap();
+        assert_eq!(secret.expose_secret(), "hunter2");
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        assert!(SecretRef::File("empty".into())
+            .resolve_in(dir.path())
+            .is_err());
+        let missing = SecretRef::Env("FINX_GATEWAY_TEST_UNSET_VAR".into())
+            .resolve()
+            .unwrap_err();
+        assert!(missing.contains("FINX_GATEWAY_TEST_UNSET_VAR"));
     }
 }

@@ -3,7 +3,7 @@
 //! and must not do I/O.
 
 use http::header::{AUTHORIZATION, COOKIE, HOST, PROXY_AUTHORIZATION};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, OrErr, Result};
 
@@ -16,11 +16,13 @@ pub fn rewrite_for_upstream(
     request: &mut RequestHeader,
     host: &HeaderValue,
     path_prefix: &str,
+    caller_header: &HeaderName,
     credential: Option<&HeaderValue>,
 ) -> Result<()> {
     request.remove_header(&AUTHORIZATION);
     request.remove_header(&PROXY_AUTHORIZATION);
     request.remove_header(&COOKIE);
+    request.remove_header(caller_header);
     // Named headers are few; collect only when one is present, so the usual request allocates nothing.
     let gateway_headers: Vec<_> = request
         .headers
@@ -60,6 +62,8 @@ pub fn header_error(context: &'static str) -> Box<Error> {
 mod tests {
     use super::*;
 
+    const CALLER: HeaderName = HeaderName::from_static("x-caller-token");
+
     #[test]
     fn caller_credentials_never_go_upstream() {
         let mut request = RequestHeader::build("GET", b"/rest/accounts?x=1", None).unwrap();
@@ -70,19 +74,21 @@ mod tests {
             ("x-finx-user", "u1"),
             ("X-Finx-Flow", "f1"),
             ("x-request-id", "keep-me"),
+            ("x-caller-token", "caller-jwt"),
         ] {
             request.append_header(name, value).unwrap();
         }
         let host = HeaderValue::from_static("api.example");
         let credential = HeaderValue::from_static("Bearer finx");
-        rewrite_for_upstream(&mut request, &host, "", Some(&credential)).unwrap();
+        rewrite_for_upstream(&mut request, &host, "", &CALLER, Some(&credential)).unwrap();
         // Idempotent: a retry runs it again on a fresh copy, and running twice changes nothing.
-        rewrite_for_upstream(&mut request, &host, "", Some(&credential)).unwrap();
+        rewrite_for_upstream(&mut request, &host, "", &CALLER, Some(&credential)).unwrap();
         let headers = &request.headers;
         assert_eq!(headers.get_all("authorization").iter().count(), 1);
         assert_eq!(headers["authorization"], "Bearer finx");
         assert!(headers.get("proxy-authorization").is_none());
         assert!(headers.get("cookie").is_none());
+        assert!(headers.get("x-caller-token").is_none());
         assert!(headers.get("x-finx-user").is_none());
         assert!(headers.get("x-finx-flow").is_none());
         assert_eq!(headers["x-request-id"], "keep-me");
@@ -94,7 +100,7 @@ mod tests {
     fn base_path_is_prefixed() {
         let mut request = RequestHeader::build("GET", b"/rest/accounts?x=1", None).unwrap();
         let host = HeaderValue::from_static("api.example");
-        rewrite_for_upstream(&mut request, &host, "/v1", None).unwrap();
+        rewrite_for_upstream(&mut request, &host, "/v1", &CALLER, None).unwrap();
         assert_eq!(request.uri, "/v1/rest/accounts?x=1");
     }
 }

@@ -6,6 +6,7 @@ pub mod headers;
 pub mod respond;
 pub mod routes;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -15,6 +16,8 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::callers::{Caller, CallerAuth};
+use crate::clock::{Clock, SystemClock};
 use crate::error::GatewayError;
 use crate::store::ConnectionKey;
 use crate::tokens::{Credential, TokenManager};
@@ -22,21 +25,28 @@ use routes::Route;
 
 /// The finX sidecar proxy.
 pub struct FinxProxy {
-    tokens: TokenManager,
-    /// Built once at start-up: resolved address, TLS, SNI, timeouts.
-    peer: HttpPeer,
-    host: HeaderValue,
-    path_prefix: String,
+    parts: ProxyParts,
+}
+
+/// Everything the proxy is built from, prepared once at start-up.
+pub struct ProxyParts {
+    pub tokens: TokenManager,
+    pub callers: Arc<CallerAuth>,
+    /// Built once: resolved address, TLS, SNI, timeouts.
+    pub peer: HttpPeer,
+    pub host: HeaderValue,
+    pub path_prefix: String,
     /// `Basic base64(client_id:client_secret)`, marked sensitive.
-    client_basic: HeaderValue,
-    user_header: HeaderName,
-    flow_header: HeaderName,
+    pub client_basic: HeaderValue,
+    pub user_header: HeaderName,
+    pub flow_header: HeaderName,
 }
 
 /// What one request learned on its way through the phases.
 pub struct RequestCtx {
     started: Instant,
     route: Option<Route>,
+    caller: Option<Caller>,
     connection: Option<ConnectionKey>,
     credential: Option<Credential>,
     upstream_started: Option<Instant>,
@@ -47,44 +57,37 @@ pub struct RequestCtx {
 
 impl FinxProxy {
     /// Assembles the proxy from its already-built parts.
-    pub fn new(
-        tokens: TokenManager,
-        peer: HttpPeer,
-        host: HeaderValue,
-        path_prefix: String,
-        client_basic: HeaderValue,
-        user_header: HeaderName,
-        flow_header: HeaderName,
-    ) -> Self {
-        Self {
-            tokens,
-            peer,
-            host,
-            path_prefix,
-            client_basic,
-            user_header,
-            flow_header,
-        }
+    pub fn new(parts: ProxyParts) -> Self {
+        Self { parts }
     }
 
     /// Classifies the request and obtains its credential. `Ok(true)` when already answered.
+    ///
+    /// Order matters: the caller is authenticated and authorised before any token work or
+    /// finX call, so an unauthorised caller cannot even learn whether a connection exists.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, GatewayError> {
-        let route = routes::classify(session.req_header().uri.path())?;
+        let parts = &self.parts;
+        let request = session.req_header();
+        let route = routes::classify(request.uri.path())?;
         ctx.route = Some(route);
-        match route {
-            Route::Health => {
-                respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
-                    .await
-                    .map_err(|_| GatewayError::Internal)?;
-                return Ok(true);
-            }
-            Route::ClientData => {}
-            Route::UserData => {
-                let key = self.connection_key(session.req_header())?;
-                let credential = self.tokens.bearer(&key).await?;
-                ctx.connection = Some(key);
-                ctx.credential = Some(credential);
-            }
+        if route == Route::Health {
+            respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
+                .await
+                .map_err(|_| GatewayError::Internal)?;
+            return Ok(true);
+        }
+
+        let caller = parts.callers.authenticate(&request.headers, SystemClock.now())?;
+        ctx.caller = Some(caller.clone());
+        caller.authorize_route(&request.method, request.uri.path())?;
+        caller.check_rate()?;
+
+        if route == Route::UserData {
+            let key = self.connection_key(request)?;
+            // One-time flow connections are authorised under their stored name, `flow:<id>`.
+            caller.authorize_user(key.as_str())?;
+            ctx.connection = Some(key.clone());
+            ctx.credential = Some(parts.tokens.bearer(&key).await?);
         }
         Ok(false)
     }
@@ -111,14 +114,15 @@ impl FinxProxy {
                 format!("{name}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -").into(),
             )
         };
-        match (single(&self.user_header)?, single(&self.flow_header)?) {
-            (Some(user), None) => ConnectionKey::user(user).map_err(|_| invalid(&self.user_header)),
-            (None, Some(flow)) => ConnectionKey::flow(flow).map_err(|_| invalid(&self.flow_header)),
+        let (user_header, flow_header) = (&self.parts.user_header, &self.parts.flow_header);
+        match (single(user_header)?, single(flow_header)?) {
+            (Some(user), None) => ConnectionKey::user(user).map_err(|_| invalid(user_header)),
+            (None, Some(flow)) => ConnectionKey::flow(flow).map_err(|_| invalid(flow_header)),
             (Some(_), Some(_)) => Err(GatewayError::BadRequest(
-                format!("send either {} or {}, not both", self.user_header, self.flow_header).into(),
+                format!("send either {user_header} or {flow_header}, not both").into(),
             )),
             (None, None) => Err(GatewayError::BadRequest(
-                format!("{} or {} is required for /rest", self.user_header, self.flow_header).into(),
+                format!("{user_header} or {flow_header} is required for /rest").into(),
             )),
         }
     }
@@ -154,6 +158,7 @@ impl ProxyHttp for FinxProxy {
         RequestCtx {
             started: Instant::now(),
             route: None,
+            caller: None,
             connection: None,
             credential: None,
             upstream_started: None,
@@ -180,7 +185,7 @@ impl ProxyHttp for FinxProxy {
     /// Returns the pre-built finX peer; no DNS and no I/O here.
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
-        Ok(Box::new(self.peer.clone()))
+        Ok(Box::new(self.parts.peer.clone()))
     }
 
     /// Runs on a fresh copy of the caller's headers for every upstream attempt: strips the
@@ -194,14 +199,20 @@ impl ProxyHttp for FinxProxy {
     ) -> Result<()> {
         let credential = match ctx.route {
             Some(Route::UserData) => ctx.credential.as_ref().map(|c| &c.header),
-            Some(Route::ClientData) => Some(&self.client_basic),
+            Some(Route::ClientData) => Some(&self.parts.client_basic),
             _ => None,
         };
         // Fail closed: a route that needs a credential never goes out without one.
         if credential.is_none() {
             return Err(headers::header_error("no credential for an upstream request"));
         }
-        headers::rewrite_for_upstream(upstream_request, &self.host, &self.path_prefix, credential)
+        headers::rewrite_for_upstream(
+            upstream_request,
+            &self.parts.host,
+            &self.parts.path_prefix,
+            self.parts.callers.credential_header(),
+            credential,
+        )
     }
 
     /// Runs when finX's response header arrives; the response passes through unchanged. A 401
@@ -217,7 +228,7 @@ impl ProxyHttp for FinxProxy {
         ctx.upstream_status = Some(status);
         if status == 401 {
             if let (Some(key), Some(credential)) = (&ctx.connection, &ctx.credential) {
-                self.tokens.reject(key, credential.version).await;
+                self.parts.tokens.reject(key, credential.version).await;
             }
         }
         Ok(())
@@ -244,7 +255,7 @@ impl ProxyHttp for FinxProxy {
         }
     }
 
-    /// Runs last for every request: one access-log line, never a secret.
+    /// Runs last for every request: one access (and audit) line, never a secret.
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
@@ -254,6 +265,9 @@ impl ProxyHttp for FinxProxy {
             target: "finx_gateway::access",
             method = %request.method,
             route = ctx.route.map_or("-", Route::as_str),
+            service = ctx.caller.as_ref().map_or("-", Caller::service),
+            caller_iss = ctx.caller.as_ref().map_or("-", Caller::iss),
+            caller_sub = ctx.caller.as_ref().map_or("-", Caller::sub),
             connection = ctx.connection.as_ref().map_or("-", ConnectionKey::as_str),
             status,
             upstream_status = ctx.upstream_status.unwrap_or(0),
