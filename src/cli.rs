@@ -46,6 +46,43 @@ pub enum Command {
     /// Encryption keys for the token store.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Caller tokens (development helpers).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `token …`
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Mint a caller JWT with one of the config's HMAC keys, for local testing.
+    Mint {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The `kid` of the HMAC key in `[[callers.keys]]`.
+        #[arg(long)]
+        key: String,
+        /// The `iss` claim.
+        #[arg(long)]
+        iss: String,
+        /// The `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// The `aud` claim.
+        #[arg(long)]
+        aud: Option<String>,
+        /// Lifetime, e.g. `15m`, `1h`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Extra string claims, `name=value` (repeatable), e.g. `--claim user=alice`.
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+    },
+}
+
+fn parse_claim(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
 /// `connections …`
@@ -105,6 +142,27 @@ fn execute(command: Command) -> Result<(), String> {
             import(&config, key)
         }
         Command::Connections(ConnectionsCommand::List { config }) => list(&config),
+        Command::Token(TokenCommand::Mint {
+            config,
+            key,
+            iss,
+            sub,
+            aud,
+            ttl,
+            claims,
+        }) => {
+            let config = load(&config)?;
+            let extra = claims
+                .into_iter()
+                .map(|(name, value)| (name, serde_json::Value::String(value)))
+                .collect();
+            let token = config
+                .callers
+                .mint(&key, &iss, &sub, aud.as_deref(), ttl, extra)
+                .map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Key(KeyCommand::Generate) => {
             println!("{}", EncryptionKey::generate().to_base64().expose_secret());
             Ok(())

@@ -32,6 +32,8 @@ pub struct DemoArgs {
 pub struct Demo {
     pub sim: SimHandle,
     pub gateway: RunningGateway,
+    /// A caller JWT of the demo service, valid for a day.
+    pub caller_token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -42,8 +44,10 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let key_path = dir.path().join("store.key");
     let secret_path = dir.path().join("client-secret");
+    let caller_key_path = dir.path().join("caller.key");
     std::fs::write(&key_path, EncryptionKey::generate().to_base64().expose_secret())
         .and_then(|()| std::fs::write(&secret_path, SimConfig::default().client_secret))
+        .and_then(|()| std::fs::write(&caller_key_path, EncryptionKey::generate().to_base64().expose_secret()))
         .map_err(|e| format!("cannot write demo secrets: {e}"))?;
 
     let mut file: ConfigFile = toml::from_str(DEMO_TOML).map_err(|e| e.to_string())?;
@@ -52,6 +56,9 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     file.store.path = Some(dir.path().join("tokens.db"));
     file.store.encryption_key = Some(SecretRef::File(key_path));
     file.client.secret = Some(SecretRef::File(secret_path));
+    for key in &mut file.callers.keys {
+        key.secret = Some(SecretRef::File(caller_key_path.clone()));
+    }
     let config = Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())?;
     crate::telemetry::init(&config.telemetry);
 
@@ -82,12 +89,29 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
             .map_err(|e| e.to_string())
     })?;
 
+    let caller_token = mint_demo_token(&config)?;
     let gateway = RunningGateway::start(config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
     Ok(Demo {
         sim,
         gateway,
+        caller_token,
         _dir: dir,
     })
+}
+
+/// A day-long caller token for the demo service of `config/demo.toml`.
+pub fn mint_demo_token(config: &Config) -> Result<String, String> {
+    config
+        .callers
+        .mint(
+            "demo-hmac",
+            "demo",
+            "demo-service",
+            None,
+            std::time::Duration::from_secs(24 * 3600),
+            serde_json::Map::new(),
+        )
+        .map_err(|e| format!("cannot mint the demo caller token: {e}"))
 }
 
 /// Runs the demo until Ctrl-C.
@@ -97,16 +121,20 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     println!(
         "\nfinx-gateway demo is running.\n\
          \n  gateway:   {gateway}\n  simulator: {sim} (finX stand-in, control plane on)\n\
+         \nA caller token for the demo service (a JWT, valid 24 h):\n\
+         \n  export TOKEN={token}\n\
          \nTry it (the gateway adds the user's finX token; you never see it):\n\
-         \n  curl -s {gateway}/rest/accounts -H 'X-Finx-User: {user}'\
-         \n  curl -s '{gateway}/rest/transactions?count=5' -H 'X-Finx-User: {user}'\
-         \n  curl -s {gateway}/category-tree\
-         \n  curl -s {gateway}/auth/token            # refused: 403 route_forbidden\
-         \n  curl -s {gateway}/rest/accounts -H 'X-Finx-User: nobody'   # 404 connection_not_found\
+         \n  curl -s {gateway}/rest/accounts -H \"Authorization: Bearer $TOKEN\" -H 'X-Finx-User: {user}'\
+         \n  curl -s '{gateway}/rest/transactions?count=5' -H \"Authorization: Bearer $TOKEN\" -H 'X-Finx-User: {user}'\
+         \n  curl -s {gateway}/category-tree -H \"Authorization: Bearer $TOKEN\"\
+         \n  curl -s {gateway}/rest/accounts -H 'X-Finx-User: {user}'          # 401: no caller token\
+         \n  curl -s {gateway}/auth/token -H \"Authorization: Bearer $TOKEN\"   # 403 route_forbidden\
+         \n  curl -s {gateway}/rest/accounts -H \"Authorization: Bearer $TOKEN\" -H 'X-Finx-User: nobody'   # 404\
          \n  curl -s {sim}/_sim/stats                # what finX saw\
          \n\nPress Ctrl-C to stop.",
         sim = demo.sim.base_url(),
         user = DEMO_USER,
+        token = demo.caller_token,
     );
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

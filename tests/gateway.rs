@@ -16,12 +16,14 @@ async fn bearer_is_injected_and_caller_credentials_never_reach_finx() {
     let harness = Harness::start();
     let (access_token, _) = harness.seed_user("alice").await;
 
+    // An unmodified finX client keeps its own Authorization; the caller JWT rides in
+    // Proxy-Authorization.
     let response = harness
         .http
         .get(harness.url("/rest/accounts?sync=1"))
         .header("x-finx-user", "alice")
         .header("authorization", "Bearer CALLER-OWN-TOKEN")
-        .header("proxy-authorization", "Bearer CALLER-PROXY-TOKEN")
+        .header("proxy-authorization", format!("Bearer {}", harness.caller_token))
         .header("cookie", "session=CALLER-COOKIE")
         .header("x-request-id", "req-1")
         .send()
@@ -40,15 +42,13 @@ async fn bearer_is_injected_and_caller_credentials_never_reach_finx() {
         assert_eq!(last.header(gone), None, "{gone} reached finX");
     }
     let everything = format!("{seen:?}");
-    for caller_secret in ["CALLER-OWN-TOKEN", "CALLER-PROXY-TOKEN", "CALLER-COOKIE"] {
+    for caller_secret in ["CALLER-OWN-TOKEN", &harness.caller_token, "CALLER-COOKIE"] {
         assert!(!everything.contains(caller_secret), "{caller_secret} reached finX");
     }
 
     // Client routes get Basic client auth instead.
     let response = harness
-        .http
-        .get(harness.url("/category-tree"))
-        .header("authorization", "Bearer CALLER-OWN-TOKEN")
+        .request(reqwest::Method::GET, "/category-tree")
         .send()
         .await
         .unwrap();
@@ -298,7 +298,7 @@ async fn gateway_errors_are_json_with_the_designed_codes() {
         ("/ongoing/access", None, 403, "route_forbidden"),
     ];
     for (path, user, status, code) in cases {
-        let mut request = harness.http.get(harness.url(path));
+        let mut request = harness.request(reqwest::Method::GET, path);
         if let Some(user) = user {
             request = request.header("x-finx-user", user);
         }

@@ -28,6 +28,8 @@ pub struct Harness {
     gateway: Option<RunningGateway>,
     store: Option<Arc<dyn TokenStore>>,
     tweak: fn(&mut ConfigFile),
+    /// A caller JWT of the demo service (any user, the data routes).
+    pub caller_token: String,
 }
 
 impl Harness {
@@ -41,11 +43,13 @@ impl Harness {
         capture_logs();
         let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(
-            dir.path().join("store.key"),
-            EncryptionKey::generate().to_base64().expose_secret(),
-        )
-        .expect("key file");
+        for name in ["store.key", "caller.key"] {
+            std::fs::write(
+                dir.path().join(name),
+                EncryptionKey::generate().to_base64().expose_secret(),
+            )
+            .expect("key file");
+        }
         let control = sim.control();
         let mut harness = Self {
             sim,
@@ -60,7 +64,10 @@ impl Harness {
             gateway: None,
             store: None,
             tweak,
+            caller_token: String::new(),
         };
+        harness.caller_token =
+            finx_gateway::demo::mint_demo_token(&harness.config()).expect("caller token");
         harness.start_gateway();
         harness
     }
@@ -79,6 +86,11 @@ impl Harness {
         file.store.path = Some(self.store_path());
         file.store.encryption_key = Some(SecretRef::File(self.dir.path().join("store.key")));
         file.telemetry.level = Some("trace".into());
+        let demo: ConfigFile = toml::from_str(finx_gateway::demo::DEMO_TOML).expect("demo config");
+        file.callers = demo.callers;
+        for key in &mut file.callers.keys {
+            key.secret = Some(SecretRef::File(self.dir.path().join("caller.key")));
+        }
         (self.tweak)(&mut file);
         file
     }
@@ -165,10 +177,16 @@ impl Harness {
         (grant.access_token, grant.refresh_token)
     }
 
-    /// `GET path` through the gateway for `user`.
-    pub async fn get_as(&self, user: &str, path: &str) -> reqwest::Response {
+    /// A request through the gateway carrying the caller token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
-            .get(self.url(path))
+            .request(method, self.url(path))
+            .bearer_auth(&self.caller_token)
+    }
+
+    /// `GET path` through the gateway for `user`, as the demo service.
+    pub async fn get_as(&self, user: &str, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path)
             .header("x-finx-user", user)
             .send()
             .await
