@@ -1,0 +1,434 @@
+//! `/rest/*` user-data endpoints (finx-api.md §6): Bearer checks, then deterministic data.
+//!
+//! `GET /rest/accounts` is the benchmarked hot path: one sharded read lock, a few atomics and a
+//! clone of a prebuilt body.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::{json_bytes, json_value, QueryPairs, Segment, Shared};
+use crate::sim::data::is_iso_date;
+use crate::sim::error::FinxError;
+use crate::sim::faults::FaultTarget;
+use crate::sim::flows::{Flow, FlowKind};
+use crate::sim::grants::{Family, Owner};
+use crate::sim::stats::bump;
+
+type RestResult = Result<Response, FinxError>;
+
+/// Checks the bearer token of a `/rest/*` call and returns its grant family.
+async fn authorize(state: &Shared, headers: &HeaderMap) -> Result<Arc<Family>, FinxError> {
+    bump(&state.counters.rest_requests);
+    state.faults.before(FaultTarget::Data).await?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let result = match token {
+        Some(token) if !token.is_empty() => state.grants.authenticate(token, state.now()),
+        _ => Err("missing bearer token"),
+    };
+    result.map_err(|reason| {
+        bump(&state.counters.rest_unauthorized);
+        FinxError::invalid_token(reason)
+    })
+}
+
+/// `count` / `offset` paging; `count` defaults to and is capped at 1000.
+fn page<T: Clone>(items: &[T], query: &QueryPairs) -> Result<Vec<T>, FinxError> {
+    let number = |key: &str, default: usize, max: usize| -> Result<usize, FinxError> {
+        match query.get(key) {
+            None => Ok(default),
+            Some(text) => text
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    field_error(key, &format!("Must be an integer between 0 and {max}."))
+                }),
+        }
+    };
+    let offset = number("offset", 0, usize::MAX)?;
+    let count = number("count", 1000, 1000)?;
+    Ok(items.iter().skip(offset).take(count).cloned().collect())
+}
+
+fn field_error(field: &str, message: &str) -> FinxError {
+    let mut fields = serde_json::Map::new();
+    fields.insert(field.to_owned(), Value::String(message.to_owned()));
+    FinxError::validation(fields)
+}
+
+fn date_filter<'q>(query: &'q QueryPairs, key: &str) -> Result<Option<&'q str>, FinxError> {
+    match query.get(key) {
+        Some(date) if !is_iso_date(date) => Err(field_error(key, "Must be a date (YYYY-MM-DD).")),
+        other => Ok(other),
+    }
+}
+
+fn ok(value: &Value) -> Response {
+    json_value(StatusCode::OK, value)
+}
+
+fn require_account(family: &Family, account_id: &str) -> Result<(), FinxError> {
+    family
+        .data
+        .account(account_id)
+        .map(|_| ())
+        .ok_or_else(|| FinxError::not_found("unknown account"))
+}
+
+/// `GET /rest/accounts`.
+pub(crate) async fn accounts(State(state): State<Shared>, headers: HeaderMap) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    Ok(json_bytes(family.data.accounts_json.clone()))
+}
+
+/// `GET /rest/accounts/{account_id}`.
+pub(crate) async fn account(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    let account = family
+        .data
+        .account(&id)
+        .ok_or_else(|| FinxError::not_found("unknown account"))?;
+    Ok(ok(account))
+}
+
+fn transactions_answer(
+    family: &Family,
+    account_id: Option<&str>,
+    query: &QueryPairs,
+) -> RestResult {
+    let since = date_filter(query, "since")?;
+    let until = date_filter(query, "until")?;
+    let ascending = match query.get("sort") {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(_) => return Err(field_error("sort", "Must be asc or desc.")),
+    };
+    let mut selected: Vec<_> = family
+        .data
+        .transactions()
+        .iter()
+        .filter(|tx| account_id.is_none_or(|id| tx.account_id == id))
+        .filter(|tx| since.is_none_or(|since| tx.booking_date.as_str() >= since))
+        .filter(|tx| until.is_none_or(|until| tx.booking_date.as_str() <= until))
+        .collect();
+    if ascending {
+        selected.reverse();
+    }
+    let total = selected.len();
+    let paged = page(&selected, query)?;
+    let mut body = json!({ "transactions": paged });
+    if matches!(query.get("include_statistics"), Some("true" | "1")) {
+        let (income, expenses) = selected.iter().fold((0.0, 0.0), |(i, e), tx| {
+            if tx.amount >= 0.0 {
+                (i + tx.amount, e)
+            } else {
+                (i, e + tx.amount)
+            }
+        });
+        body["statistics"] = json!({
+            "total_count": total,
+            "income": (income * 100.0_f64).round() / 100.0,
+            "expenses": (expenses * 100.0_f64).round() / 100.0,
+            "currency": "EUR",
+        });
+    }
+    Ok(ok(&body))
+}
+
+/// `GET /rest/transactions`.
+pub(crate) async fn transactions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    transactions_answer(&family, None, &query)
+}
+
+/// `GET /rest/accounts/{account_id}/transactions`.
+pub(crate) async fn account_transactions(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    require_account(&family, &id)?;
+    transactions_answer(&family, Some(&id), &query)
+}
+
+/// `GET /rest/securities`.
+pub(crate) async fn securities(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    Ok(ok(
+        &json!({ "securities": page(family.data.securities(), &query)? }),
+    ))
+}
+
+fn contracts_answer(family: &Family, account_id: Option<&str>, query: &QueryPairs) -> RestResult {
+    let contracts: Vec<Value> = family
+        .data
+        .contracts()
+        .into_iter()
+        .filter(|c| account_id.is_none_or(|id| c["account_id"] == id))
+        .collect();
+    Ok(ok(&Value::Array(page(&contracts, query)?)))
+}
+
+/// `GET /rest/contracts`.
+pub(crate) async fn contracts(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    contracts_answer(&family, None, &query)
+}
+
+/// `GET /rest/accounts/{account_id}/contracts`.
+pub(crate) async fn account_contracts(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    require_account(&family, &id)?;
+    contracts_answer(&family, Some(&id), &query)
+}
+
+/// `GET /rest/contracts/{id}`.
+pub(crate) async fn contract(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    let contract = family
+        .data
+        .contracts()
+        .into_iter()
+        .find(|c| c["id"] == id.as_str())
+        .ok_or_else(|| FinxError::not_found("unknown contract"))?;
+    Ok(ok(&contract))
+}
+
+/// `DELETE /rest/contracts/{id}`: 204, then the contract is gone for this owner.
+pub(crate) async fn delete_contract(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    if family.data.delete_contract(&id) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(FinxError::not_found("unknown contract"))
+    }
+}
+
+/// `GET /rest/payment-partners`.
+pub(crate) async fn payment_partners(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    Ok(ok(&Value::Array(family.data.payment_partners(None))))
+}
+
+/// `GET /rest/accounts/{account_id}/payment-partners`.
+pub(crate) async fn account_payment_partners(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    require_account(&family, &id)?;
+    Ok(ok(&Value::Array(family.data.payment_partners(Some(&id)))))
+}
+
+/// `GET /rest/categories`.
+pub(crate) async fn categories(State(state): State<Shared>, headers: HeaderMap) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    Ok(ok(&Value::Array(family.data.categories(None))))
+}
+
+/// `GET /rest/accounts/{account_id}/categories`.
+pub(crate) async fn account_categories(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    require_account(&family, &id)?;
+    Ok(ok(&Value::Array(family.data.categories(Some(&id)))))
+}
+
+/// `GET /rest/timeline?since&until&frequency&currency&accounts`.
+pub(crate) async fn timeline(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    query: QueryPairs,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    let frequency = match query.get("frequency") {
+        None => "monthly",
+        Some(f @ ("monthly" | "weekly" | "daily")) => f,
+        Some(_) => {
+            return Err(field_error(
+                "frequency",
+                "Must be daily, weekly or monthly.",
+            ))
+        }
+    };
+    if query.get("currency").is_some_and(|c| c != "EUR") {
+        return Err(field_error("currency", "Only EUR is available."));
+    }
+    let accounts: Option<Vec<String>> = query
+        .get("accounts")
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    let periods = family.data.timeline(
+        frequency,
+        date_filter(&query, "since")?,
+        date_filter(&query, "until")?,
+        accounts.as_deref(),
+    );
+    Ok(ok(
+        &json!({ "frequency": frequency, "currency": "EUR", "timeline": periods }),
+    ))
+}
+
+/// A finished flow of one of `kinds` that `family` may read.
+fn readable_flow(
+    state: &Shared,
+    family: &Family,
+    flow_id: &str,
+    kinds: &[FlowKind],
+) -> Result<Flow, FinxError> {
+    let now = state.now();
+    state
+        .flows
+        .get(flow_id, now)
+        .filter(|flow| kinds.contains(&flow.kind) && flow.readable_by(&family.owner, now))
+        .ok_or_else(|| FinxError::not_found("no such report"))
+}
+
+fn income_report_of(state: &Shared, family: &Family, flow_id: &str) -> RestResult {
+    let flow = readable_flow(state, family, flow_id, &[FlowKind::OnetimeIncomeReport])?;
+    let mut report = family.data.income_summary(flow.reporting_period);
+    report["id"] = json!(flow.id);
+    report["accounts"] = json!(family.data.account_ids());
+    Ok(ok(&report))
+}
+
+/// `GET /rest/income-reports/{flow_id}`.
+pub(crate) async fn income_report(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    income_report_of(&state, &family, &id)
+}
+
+/// `GET /rest/income-report` (older spelling): the report of the token's own one-time flow.
+pub(crate) async fn own_income_report(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    match &family.owner {
+        Owner::Flow(flow_id) => income_report_of(&state, &family, flow_id),
+        Owner::User(_) => Err(FinxError::not_found("no such report")),
+    }
+}
+
+/// `GET /rest/account-verifications/{flow_id}`.
+pub(crate) async fn account_verification(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    let flow = readable_flow(
+        &state,
+        &family,
+        &id,
+        &[FlowKind::OnetimeAccountVerification],
+    )?;
+    let holder = family
+        .data
+        .accounts()
+        .first()
+        .map(|a| a["owner"].clone())
+        .unwrap_or(Value::Null);
+    let iban = flow
+        .account_hints
+        .first()
+        .map(|iban| json!(iban))
+        .or_else(|| family.data.accounts().first().map(|a| a["iban"].clone()))
+        .unwrap_or(Value::Null);
+    let name = flow.name.clone().unwrap_or_default();
+    // Deterministic and scriptable: a name containing "mismatch" never matches.
+    let result = if name.to_lowercase().contains("mismatch") {
+        "no_match"
+    } else {
+        "match"
+    };
+    Ok(ok(&json!({
+        "id": flow.id,
+        "name": name,
+        "holder_name": holder,
+        "account": { "iban": iban },
+        "result": result,
+    })))
+}
+
+/// `GET /rest/risk-reports/{flow_id}`.
+pub(crate) async fn risk_report(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Segment(id): Segment,
+) -> RestResult {
+    let family = authorize(&state, &headers).await?;
+    let flow = readable_flow(
+        &state,
+        &family,
+        &id,
+        &[FlowKind::OnetimeRiskReport, FlowKind::OngoingRiskReport],
+    )?;
+    let score = family.data.risk_score();
+    let risk_class = match score {
+        0..=333 => "high",
+        334..=666 => "medium",
+        _ => "low",
+    };
+    Ok(ok(&json!({
+        "id": flow.id,
+        "reporting_period": flow.reporting_period,
+        "score": score,
+        "risk_class": risk_class,
+        "insights": [
+            { "name": "regular_income", "value": true },
+            { "name": "returned_debits", "value": score % 3 },
+            { "name": "overdraft_days", "value": score % 17 },
+        ],
+    })))
+}
