@@ -229,7 +229,10 @@ fn import(path: &Path, key: ConnectionKey) -> Result<(), String> {
             .put_connection(&key, &new, SystemClock.now())
             .await
             .map_err(|e| e.to_string())?;
-        println!("stored connection {} (version {})", stored.key, stored.version);
+        println!(
+            "stored connection {} (version {})",
+            stored.key, stored.version
+        );
         Ok(())
     })
 }
@@ -237,7 +240,10 @@ fn import(path: &Path, key: ConnectionKey) -> Result<(), String> {
 fn list(path: &Path) -> Result<(), String> {
     with_store(path, async |store| {
         let connections = store.list().await.map_err(|e| e.to_string())?;
-        println!("{:<40} {:<16} {:>8} {:>12} {:>12}", "connection", "status", "version", "created", "refreshed");
+        println!(
+            "{:<40} {:<16} {:>8} {:>12} {:>12}",
+            "connection", "status", "version", "created", "refreshed"
+        );
         for c in connections {
             println!(
                 "{:<40} {:<16} {:>8} {:>12} {:>12}",

@@ -41,14 +41,23 @@ pub struct Demo {
 pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     let sim = crate::sim::spawn(SimConfig::default().with_control())
         .map_err(|e| format!("cannot start the simulator: {e}"))?;
-    let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let dir =
+        tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let key_path = dir.path().join("store.key");
     let secret_path = dir.path().join("client-secret");
     let caller_key_path = dir.path().join("caller.key");
-    std::fs::write(&key_path, EncryptionKey::generate().to_base64().expose_secret())
-        .and_then(|()| std::fs::write(&secret_path, SimConfig::default().client_secret))
-        .and_then(|()| std::fs::write(&caller_key_path, EncryptionKey::generate().to_base64().expose_secret()))
-        .map_err(|e| format!("cannot write demo secrets: {e}"))?;
+    std::fs::write(
+        &key_path,
+        EncryptionKey::generate().to_base64().expose_secret(),
+    )
+    .and_then(|()| std::fs::write(&secret_path, SimConfig::default().client_secret))
+    .and_then(|()| {
+        std::fs::write(
+            &caller_key_path,
+            EncryptionKey::generate().to_base64().expose_secret(),
+        )
+    })
+    .map_err(|e| format!("cannot write demo secrets: {e}"))?;
 
     let mut file: ConfigFile = toml::from_str(DEMO_TOML).map_err(|e| e.to_string())?;
     file.listener.address = Some(listen.to_string());
@@ -78,7 +87,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
             refresh_token: SecretString::from(grant.refresh_token),
             access: Some(AccessToken {
                 token: SecretString::from(grant.access_token),
-                expires_at: now + grant.expires_in,
+                expires_at: now + grant.expires_in as i64,
             }),
             scope: None,
         };
@@ -90,7 +99,8 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     })?;
 
     let caller_token = mint_demo_token(&config)?;
-    let gateway = RunningGateway::start(config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
+    let gateway =
+        RunningGateway::start(config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
     Ok(Demo {
         sim,
         gateway,

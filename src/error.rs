@@ -203,9 +203,17 @@ mod tests {
             (GatewayError::BadRequest("x".into()), 400, "bad_request"),
             (GatewayError::RouteForbidden("x"), 403, "route_forbidden"),
             (GatewayError::RouteNotFound, 404, "route_not_found"),
-            (GatewayError::ConnectionNotFound, 404, "connection_not_found"),
+            (
+                GatewayError::ConnectionNotFound,
+                404,
+                "connection_not_found",
+            ),
             (GatewayError::ReauthRequired, 424, "reauth_required"),
-            (GatewayError::GatewayMisconfigured, 502, "gateway_misconfigured"),
+            (
+                GatewayError::GatewayMisconfigured,
+                502,
+                "gateway_misconfigured",
+            ),
             (
                 GatewayError::UpstreamUnavailable {
                     retry_after_secs: 3,

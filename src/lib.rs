@@ -59,7 +59,8 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
         .encryption_key
         .load()
         .map_err(|e| StartError::Key(e.to_string()))?;
-    let store = SqliteStore::open(&config.store.path, key).map_err(|e| StartError::Store(e.to_string()))?;
+    let store =
+        SqliteStore::open(&config.store.path, key).map_err(|e| StartError::Store(e.to_string()))?;
     Ok(Arc::new(store))
 }
 
@@ -108,7 +109,11 @@ pub fn build_server(config: &Config, tokens: TokenManager) -> Result<Server, Sta
 
     let host = HeaderValue::try_from(upstream.host_header.as_str())
         .map_err(|_| StartError::Setup("upstream host is not a valid Host header".into()))?;
-    let credentials = format!("{}:{}", config.client.id, config.client.secret.expose_secret());
+    let credentials = format!(
+        "{}:{}",
+        config.client.id,
+        config.client.secret.expose_secret()
+    );
     let mut client_basic = HeaderValue::try_from(format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(credentials)

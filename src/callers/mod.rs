@@ -15,7 +15,6 @@ mod listener;
 mod policy;
 mod rate;
 
-
 #[cfg(test)]
 mod tests;
 
@@ -29,8 +28,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{AlgorithmFamily, Header};
 use serde_json::{Map, Value};
 
-pub use config::{CallersFile, KeyFile, RateLimitFile, ServiceFile, TrustedLocalFile};
 pub use crate::config::SecretRef;
+pub use config::{CallersFile, KeyFile, RateLimitFile, ServiceFile, TrustedLocalFile};
 
 use keys::{JwksSource, SigningKey, VerifyKey};
 use policy::{ServicePolicy, UserRule};

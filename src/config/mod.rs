@@ -187,7 +187,9 @@ impl Config {
 
         let refresh_skew = file.tokens.refresh_skew.unwrap_or(Duration::from_secs(60));
         if refresh_skew >= Duration::from_secs(3600) {
-            errors.push("tokens.refresh_skew: must be shorter than an access token's life (1h)".into());
+            errors.push(
+                "tokens.refresh_skew: must be shorter than an access token's life (1h)".into(),
+            );
         }
         let cache_capacity = file.tokens.cache_capacity.unwrap_or(1_000_000);
         if cache_capacity == 0 {
@@ -344,7 +346,10 @@ fn header_name(key: &str, value: &str, errors: &mut Vec<String>) -> Option<Heade
         .ok()
 }
 
-fn validate_upstream(file: &file::UpstreamFile, errors: &mut Vec<String>) -> Option<UpstreamConfig> {
+fn validate_upstream(
+    file: &file::UpstreamFile,
+    errors: &mut Vec<String>,
+) -> Option<UpstreamConfig> {
     let Some(text) = file.base_url.as_deref() else {
         errors.push("upstream.base_url: required".to_owned());
         return None;
@@ -372,7 +377,9 @@ fn validate_upstream(file: &file::UpstreamFile, errors: &mut Vec<String>) -> Opt
             return None;
         }
     };
-    if base_url.query().is_some() || base_url.fragment().is_some() || !base_url.username().is_empty()
+    if base_url.query().is_some()
+        || base_url.fragment().is_some()
+        || !base_url.username().is_empty()
     {
         errors.push("upstream.base_url: must not carry a query, fragment or user info".into());
         return None;
@@ -416,7 +423,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
         Config::from_file(&file, Path::new("."))
     }
 

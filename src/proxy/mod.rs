@@ -65,10 +65,17 @@ impl FinxProxy {
     ///
     /// Order matters: the caller is authenticated and authorised before any token work or
     /// finX call, so an unauthorised caller cannot even learn whether a connection exists.
-    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, GatewayError> {
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, GatewayError> {
         let parts = &self.parts;
         let request = session.req_header();
-        let route = routes::classify(request.uri.path())?;
+        // Judge the bytes pingora will send to finX, not the parsed URI: an unparsable target
+        // (`\auth\token`) is forwarded verbatim.
+        let path = routes::request_path(request.raw_path())?;
+        let route = routes::classify(path)?;
         ctx.route = Some(route);
         if route == Route::Health {
             respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
@@ -77,9 +84,11 @@ impl FinxProxy {
             return Ok(true);
         }
 
-        let caller = parts.callers.authenticate(&request.headers, SystemClock.now())?;
+        let caller = parts
+            .callers
+            .authenticate(&request.headers, SystemClock.now())?;
         ctx.caller = Some(caller.clone());
-        caller.authorize_route(&request.method, request.uri.path())?;
+        caller.authorize_route(&request.method, path)?;
         caller.check_rate()?;
 
         if route == Route::UserData {
@@ -133,9 +142,9 @@ impl FinxProxy {
         match (error.esource(), error.etype()) {
             // The caller went away or sent garbage: nothing useful can be written back.
             (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
-            (ErrorSource::Downstream, _) => {
-                Some(GatewayError::BadRequest("the request could not be read".into()))
-            }
+            (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest(
+                "the request could not be read".into(),
+            )),
             (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
                 Some(GatewayError::UpstreamTimeout {
                     retry_after_secs: 1,
@@ -183,7 +192,11 @@ impl ProxyHttp for FinxProxy {
     }
 
     /// Returns the pre-built finX peer; no DNS and no I/O here.
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(self.parts.peer.clone()))
     }
@@ -204,7 +217,9 @@ impl ProxyHttp for FinxProxy {
         };
         // Fail closed: a route that needs a credential never goes out without one.
         if credential.is_none() {
-            return Err(headers::header_error("no credential for an upstream request"));
+            return Err(headers::header_error(
+                "no credential for an upstream request",
+            ));
         }
         headers::rewrite_for_upstream(
             upstream_request,
@@ -237,7 +252,12 @@ impl ProxyHttp for FinxProxy {
     /// Runs when proxying failed fatally: answers the JSON error for the failure (503 when finX
     /// is unreachable, 504 on timeouts) unless the caller is gone or a response already started.
     /// Returns the status for the access log.
-    async fn fail_to_proxy(&self, session: &mut Session, error: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let answer = Self::proxy_failure(error);
         let status = match &answer {
             Some(gateway_error) if session.response_written().is_none() => {

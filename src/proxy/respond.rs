@@ -22,7 +22,11 @@ pub async fn send_error(session: &mut Session, error: &GatewayError) -> Result<(
 }
 
 /// Sends a small JSON answer of the gateway's own.
-pub async fn send_json(session: &mut Session, status: StatusCode, body: &'static str) -> Result<()> {
+pub async fn send_json(
+    session: &mut Session,
+    status: StatusCode,
+    body: &'static str,
+) -> Result<()> {
     let header = ResponseHeader::build(status, Some(3))?;
     send(session, header, Bytes::from_static(body.as_bytes())).await
 }
@@ -30,6 +34,8 @@ pub async fn send_json(session: &mut Session, status: StatusCode, body: &'static
 async fn send(session: &mut Session, mut header: ResponseHeader, body: Bytes) -> Result<()> {
     header.insert_header(CONTENT_TYPE, "application/json")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await
 }

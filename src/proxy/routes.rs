@@ -38,7 +38,14 @@ impl Route {
 const AUTH_FORBIDDEN: &str = "the finX /auth endpoints are closed to callers";
 const FLOWS_CLOSED: &str = "connect flows are not open on this gateway";
 
-/// Judges a request path (the URI path, still percent-encoded).
+/// The path part of a raw request target, as UTF-8.
+pub fn request_path(raw_target: &[u8]) -> Result<&str, GatewayError> {
+    let target =
+        std::str::from_utf8(raw_target).map_err(|_| bad("the request target is not UTF-8"))?;
+    Ok(target.split(['?', '#']).next().unwrap_or_default())
+}
+
+/// Judges a request path (the raw target's path, still percent-encoded).
 pub fn classify(raw_path: &str) -> Result<Route, GatewayError> {
     if names_auth(raw_path) {
         return Err(GatewayError::RouteForbidden(AUTH_FORBIDDEN));
@@ -75,7 +82,8 @@ fn names_auth(raw_path: &str) -> bool {
     // Decode twice: a server that double-decodes turns `%2561uth` into `auth`.
     let once = percent_decode_str(raw_path).decode_utf8_lossy();
     let twice = percent_decode_str(&once).decode_utf8_lossy();
-    let names = |reading: &str| first_segment(reading).is_some_and(|s| s.eq_ignore_ascii_case("auth"));
+    let names =
+        |reading: &str| first_segment(reading).is_some_and(|s| s.eq_ignore_ascii_case("auth"));
     names(&once) || names(&twice)
 }
 
@@ -85,7 +93,11 @@ fn first_segment(path: &str) -> Option<String> {
     let unified = path.replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for segment in unified.split('/') {
-        let segment = segment.split(';').next().unwrap_or("").trim_matches(|c: char| c.is_whitespace() || c == '\0');
+        let segment = segment
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0');
         match segment {
             "" | "." => {}
             ".." => {
@@ -111,25 +123,37 @@ fn decode_unambiguous(raw_path: &str) -> Result<Cow<'_, str>, GatewayError> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(bad("truncated percent-encoding in path"))?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or(bad("truncated percent-encoding in path"))?;
                 let value = std::str::from_utf8(hex)
                     .ok()
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or(bad("invalid percent-encoding in path"))?;
-                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';') || value < 0x20 || value == 0x7f {
-                    return Err(bad("the path encodes a separator, dot, percent or control byte"));
+                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';')
+                    || value < 0x20
+                    || value == 0x7f
+                {
+                    return Err(bad(
+                        "the path encodes a separator, dot, percent or control byte",
+                    ));
                 }
                 i += 3;
             }
             b'\\' => return Err(bad("backslashes are not allowed in paths")),
-            b if b < 0x20 || b == 0x7f => return Err(bad("control bytes are not allowed in paths")),
+            b if b < 0x20 || b == 0x7f => {
+                return Err(bad("control bytes are not allowed in paths"))
+            }
             _ => i += 1,
         }
     }
     if raw_path.contains("//") {
         return Err(bad("empty path segments (//) are not allowed"));
     }
-    if raw_path.split('/').any(|segment| segment == "." || segment == "..") {
+    if raw_path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return Err(bad("dot segments are not allowed in paths"));
     }
     percent_decode_str(raw_path)
@@ -144,15 +168,24 @@ mod tests {
     #[test]
     fn routes_of_the_design() {
         assert_eq!(classify("/rest/accounts"), Ok(Route::UserData));
-        assert_eq!(classify("/rest/accounts/A%20B/transactions"), Ok(Route::UserData));
+        assert_eq!(
+            classify("/rest/accounts/A%20B/transactions"),
+            Ok(Route::UserData)
+        );
         assert_eq!(classify("/category-tree"), Ok(Route::ClientData));
         assert_eq!(classify("/rpc/categorize"), Ok(Route::ClientData));
         assert_eq!(classify("/payment-receipts/42"), Ok(Route::ClientData));
         assert_eq!(classify("/healthz"), Ok(Route::Health));
-        assert_eq!(classify("/payment-receipts/"), Err(GatewayError::RouteNotFound));
+        assert_eq!(
+            classify("/payment-receipts/"),
+            Err(GatewayError::RouteNotFound)
+        );
         assert_eq!(classify("/restful"), Err(GatewayError::RouteNotFound));
         assert_eq!(classify("/"), Err(GatewayError::RouteNotFound));
-        assert!(matches!(classify("/ongoing/access"), Err(GatewayError::RouteForbidden(_))));
+        assert!(matches!(
+            classify("/ongoing/access"),
+            Err(GatewayError::RouteForbidden(_))
+        ));
     }
 
     #[test]

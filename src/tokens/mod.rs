@@ -20,7 +20,9 @@ use moka::Expiry;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clock::{Clock, UnixSeconds};
-use crate::store::{AccessToken, Connection, ConnectionKey, ConnectionStatus, StoreError, TokenStore};
+use crate::store::{
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, StoreError, TokenStore,
+};
 pub use client::{TokenClient, TokenFailure};
 use locks::KeyedLocks;
 
@@ -235,7 +237,12 @@ impl Inner {
             return Err(TokenError::ReauthRequired);
         }
         if let Some(access) = self.usable_stored_access(&connection) {
-            return cached(&access.token, access.expires_at, connection.version, TokenSource::Store);
+            return cached(
+                &access.token,
+                access.expires_at,
+                connection.version,
+                TokenSource::Store,
+            );
         }
 
         let now = self.clock.now();
@@ -265,7 +272,11 @@ impl Inner {
     ) -> Result<Connection, TokenError> {
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=4 {
-            match self.store.commit_refresh(key, expected_version, grant, now).await {
+            match self
+                .store
+                .commit_refresh(key, expected_version, grant, now)
+                .await
+            {
                 Ok(connection) => return Ok(connection),
                 Err(StoreError::Unavailable(reason)) if attempt < 4 => {
                     tracing::warn!(connection = %key, attempt, %reason, "retrying commit of rotated refresh token");

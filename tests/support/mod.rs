@@ -21,6 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 /// Everything a gateway test needs. Dropping it stops gateway and simulator.
 pub struct Harness {
     pub sim: SimHandle,
+    sim_config: SimConfig,
     pub control: SimControl,
     pub clock: ManualClock,
     pub dir: tempfile::TempDir,
@@ -41,6 +42,7 @@ impl Harness {
     /// A simulator with `sim` settings and a gateway whose config file `tweak` may change.
     pub fn with(sim: SimConfig, tweak: fn(&mut ConfigFile)) -> Self {
         capture_logs();
+        let sim_config = sim.clone();
         let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
         for name in ["store.key", "caller.key"] {
@@ -53,6 +55,7 @@ impl Harness {
         let control = sim.control();
         let mut harness = Self {
             sim,
+            sim_config,
             control,
             clock: ManualClock::default(),
             dir,
@@ -96,7 +99,7 @@ impl Harness {
     }
 
     pub fn sim_config(&self) -> SimConfig {
-        self.sim.config().clone()
+        self.sim_config.clone()
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -113,7 +116,8 @@ impl Harness {
         let config = self.config();
         let store = finx_gateway::open_store(&config).expect("store opens");
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
-        self.gateway = Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
+        self.gateway =
+            Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
         self.store = Some(store);
     }
 
@@ -139,7 +143,10 @@ impl Harness {
 
     /// Advances the simulator's and the gateway's clocks together.
     pub async fn advance(&self, seconds: i64) {
-        self.control.advance_clock(seconds).await.expect("sim clock");
+        self.control
+            .advance_clock(seconds)
+            .await
+            .expect("sim clock");
         self.clock.advance(seconds);
     }
 
@@ -153,7 +160,11 @@ impl Harness {
             scope: None,
         };
         self.store()
-            .put_connection(&ConnectionKey::user(user).unwrap(), &connection, self.clock.now())
+            .put_connection(
+                &ConnectionKey::user(user).unwrap(),
+                &connection,
+                self.clock.now(),
+            )
             .await
             .expect("store put");
         grant.refresh_token
@@ -166,12 +177,16 @@ impl Harness {
             refresh_token: SecretString::from(grant.refresh_token.clone()),
             access: Some(AccessToken {
                 token: SecretString::from(grant.access_token.clone()),
-                expires_at: self.clock.now() + grant.expires_in,
+                expires_at: self.clock.now() + grant.expires_in as i64,
             }),
             scope: None,
         };
         self.store()
-            .put_connection(&ConnectionKey::user(user).unwrap(), &connection, self.clock.now())
+            .put_connection(
+                &ConnectionKey::user(user).unwrap(),
+                &connection,
+                self.clock.now(),
+            )
             .await
             .expect("store put");
         (grant.access_token, grant.refresh_token)
@@ -203,13 +218,18 @@ impl Drop for Harness {
 /// A gateway error body's code.
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.expect("JSON error body");
-    body["error"]["code"].as_str().unwrap_or_default().to_owned()
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Sends `request_line` + headers exactly as written and returns the status code.
 pub fn raw_request(addr: SocketAddr, raw: &str) -> u16 {
     let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(raw.as_bytes()).expect("write");
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
