@@ -1,0 +1,153 @@
+//! Secrets never reach a log line: one full run through every token path with canary values,
+//! with every log record of the process (gateway, pingora, simulator, HTTP clients) captured at
+//! trace level, then searched for each secret.
+
+mod support;
+
+use base64::Engine;
+use finx_gateway::sim::SimConfig;
+use finx_gateway::store::ConnectionKey;
+use finx_gateway::tokens::TokenClient;
+use secrecy::{ExposeSecret, SecretString};
+use std::time::Duration;
+use support::{captured_logs, Harness};
+
+const CLIENT_SECRET: &str = "CANARY-CLIENT-SECRET-d41d8cd98f00b204e9800998ecf8427e";
+const CODE: &str = "CANARY-AUTHORIZATION-CODE-0cc175b9c0f1b6a831c399e269772661";
+const CALLER_GARBAGE: &str = "CANARY.CALLER.TOKEN";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line() {
+    let mut sim = SimConfig::default().with_control();
+    sim.client_secret = CLIENT_SECRET.to_owned();
+    let harness = Harness::with(sim, |_| {});
+    let mut secrets: Vec<String> = vec![
+        CLIENT_SECRET.to_owned(),
+        CODE.to_owned(),
+        CALLER_GARBAGE.to_owned(),
+        harness.caller_token.clone(),
+        base64::engine::general_purpose::STANDARD.encode(format!("demo-client:{CLIENT_SECRET}")),
+    ];
+
+    // Import → refresh → cache hit → expiry → refresh again.
+    secrets.push(harness.import_user("canary-user").await);
+    for _ in 0..2 {
+        assert_eq!(
+            harness
+                .get_as("canary-user", "/rest/accounts")
+                .await
+                .status(),
+            200
+        );
+        harness.advance(3600).await;
+    }
+    // A user with both tokens stored, then finX's own 401 passed through.
+    let (access, refresh) = harness.seed_user("canary-seeded").await;
+    secrets.extend([access, refresh]);
+    harness.control.expire_access_tokens().await.unwrap();
+    assert_eq!(
+        harness
+            .get_as("canary-seeded", "/rest/accounts")
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        harness
+            .get_as("canary-seeded", "/rest/accounts")
+            .await
+            .status(),
+        200
+    );
+    // invalid_grant, 5xx and timeouts at the token endpoint.
+    secrets.push(harness.import_user("canary-revoked").await);
+    harness.control.revoke("canary-revoked").await.unwrap();
+    assert_eq!(
+        harness
+            .get_as("canary-revoked", "/rest/accounts")
+            .await
+            .status(),
+        424
+    );
+    secrets.push(harness.import_user("canary-flaky").await);
+    let mut faults = finx_gateway::sim::Faults::default();
+    faults.token_error_rate = 1.0;
+    harness.control.set_faults(&faults).await.unwrap();
+    assert_eq!(
+        harness
+            .get_as("canary-flaky", "/rest/accounts")
+            .await
+            .status(),
+        503
+    );
+    harness.control.reset().await.unwrap();
+    // Client routes (Basic auth) and a caller with a garbage token.
+    let response = harness
+        .request(reqwest::Method::GET, "/category-tree")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = harness
+        .http
+        .get(harness.url("/rest/accounts"))
+        .header("authorization", format!("Bearer {CALLER_GARBAGE}"))
+        .header("x-finx-user", "canary-user")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // A code exchange that finX refuses.
+    let config = harness.config();
+    let client = TokenClient::new(
+        &config.upstream.base_url,
+        &config.client.id,
+        config.client.secret.clone(),
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let refused = client
+        .exchange_code(&SecretString::from(CODE), "https://app.example/cb", 0)
+        .await;
+    assert!(refused.is_err());
+
+    // Every token the store holds now (the rotated ones) is a secret too.
+    for user in [
+        "canary-user",
+        "canary-seeded",
+        "canary-revoked",
+        "canary-flaky",
+    ] {
+        let stored = harness
+            .store()
+            .load(&ConnectionKey::user(user).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        secrets.push(stored.refresh_token.expose_secret().to_owned());
+        if let Some(access) = stored.access {
+            secrets.push(access.token.expose_secret().to_owned());
+        }
+    }
+
+    let logs = captured_logs();
+    if let Ok(path) = std::env::var("FINX_DUMP_LOGS") {
+        std::fs::write(path, &logs).unwrap();
+    }
+    // The capture works and saw the interesting paths, so this test can fail.
+    for expected in [
+        "refreshed finX access token",
+        "finx_gateway::access",
+        "invalid_grant",
+    ] {
+        assert!(logs.contains(expected), "logs lack {expected:?}");
+    }
+    for (index, secret) in secrets.iter().enumerate() {
+        assert!(secret.len() >= 16, "canary too short to mean anything");
+        assert!(
+            !logs.contains(secret.as_str()),
+            "secret #{index} reached the logs"
+        );
+    }
+}
