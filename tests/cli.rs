@@ -1,0 +1,268 @@
+//! The binary's commands, run as a process: config checking, key handling, imports.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use finx_gateway::store::crypto::EncryptionKey;
+use secrecy::ExposeSecret;
+
+fn gateway(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A valid config for a simulator on `base_url` in `dir`.
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    std::fs::write(
+        dir.join("store.key"),
+        EncryptionKey::generate().to_base64().expose_secret(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("caller.key"),
+        EncryptionKey::generate().to_base64().expose_secret(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("client-secret"), "demo-secret\n").unwrap();
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[listener]
+address = "127.0.0.1:0"
+[upstream]
+base_url = "http://127.0.0.1:9"
+allow_insecure_http = true
+[client]
+id = "demo-client"
+secret = {{ file = "client-secret" }}
+[store]
+path = "tokens.db"
+encryption_key = {{ file = "store.key" }}
+[callers]
+issuer = ["demo"]
+[[callers.keys]]
+kid = "k1"
+algorithms = ["HS256"]
+secret = {{ file = "caller.key" }}
+[[callers.services]]
+name = "svc"
+issuer = "demo"
+subject = "svc"
+connections = ["any"]
+routes = ["GET /rest/**"]
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn check_config_reports_every_error_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[listener]
+address = "not-an-address"
+[upstream]
+base_url = "http://api.example"
+[client]
+secret = { env = "FINX_TEST_SURELY_UNSET_VARIABLE" }
+[store]
+encryption_key = { file = "missing.key" }
+[tokens]
+cache_capacity = 0
+"#,
+    )
+    .unwrap();
+    let output = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(!output.status.success());
+    let report = text(&output);
+    for problem in [
+        "listener.address",
+        "allow_insecure_http",
+        "client.id",
+        "FINX_TEST_SURELY_UNSET_VARIABLE",
+        "store.path",
+        "missing.key",
+        "cache_capacity",
+        "callers",
+    ] {
+        assert!(
+            report.contains(problem),
+            "{problem} missing from:\n{report}"
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_the_shipped_examples_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let output = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[test]
+fn unknown_keys_and_inline_secrets_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[tokens]\nrefresh_skeww = \"60s\"");
+    let output = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("refresh_skeww"), "{}", text(&output));
+}
+
+#[test]
+fn trusted_local_is_refused_on_a_public_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let config = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("127.0.0.1:0", "0.0.0.0:8080")
+        .replace(
+            "[callers]",
+            "[callers]\nmode = \"trusted-local\"\ntrusted_local = { service = \"svc\" }",
+        );
+    std::fs::write(&path, config).unwrap();
+    let output = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("loopback"), "{}", text(&output));
+
+    let local = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("0.0.0.0:8080", "127.0.0.1:8080");
+    std::fs::write(&path, local).unwrap();
+    let output = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[test]
+fn import_stores_a_refresh_token_that_list_never_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let token = "CANARY-IMPORTED-REFRESH-TOKEN-".repeat(70);
+    let output = gateway(
+        &[
+            "connections",
+            "import",
+            "--config",
+            path.to_str().unwrap(),
+            "--user",
+            "alice",
+        ],
+        Some(&format!("{token}\n")),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains(&token));
+
+    let output = gateway(
+        &["connections", "list", "--config", path.to_str().unwrap()],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let listing = text(&output);
+    assert!(
+        listing.contains("alice") && listing.contains("active"),
+        "{listing}"
+    );
+    assert!(!listing.contains("CANARY"));
+
+    // Bad input is refused and stores nothing.
+    let output = gateway(
+        &[
+            "connections",
+            "import",
+            "--config",
+            path.to_str().unwrap(),
+            "--user",
+            "bad user",
+        ],
+        Some("token"),
+    );
+    assert!(!output.status.success());
+    let output = gateway(
+        &[
+            "connections",
+            "import",
+            "--config",
+            path.to_str().unwrap(),
+            "--user",
+            "bob",
+        ],
+        Some("two tokens"),
+    );
+    assert!(!output.status.success());
+}
+
+#[test]
+fn a_wrong_key_refuses_to_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let output = gateway(
+        &[
+            "connections",
+            "import",
+            "--config",
+            path.to_str().unwrap(),
+            "--user",
+            "alice",
+        ],
+        Some("REFRESH"),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let new_key = EncryptionKey::generate().to_base64();
+    std::fs::write(dir.path().join("store.key"), new_key.expose_secret()).unwrap();
+
+    for args in [
+        vec!["connections", "list", "--config", path.to_str().unwrap()],
+        vec!["serve", "--config", path.to_str().unwrap()],
+    ] {
+        let output = gateway(&args, None);
+        assert!(!output.status.success());
+        let message = text(&output);
+        assert!(message.contains("does not match"), "{message}");
+        assert!(!message.contains(new_key.expose_secret()));
+    }
+}
+
+#[test]
+fn key_generate_prints_a_usable_key() {
+    let output = gateway(&["key", "generate"], None);
+    assert!(output.status.success());
+    let key = String::from_utf8(output.stdout).unwrap();
+    assert!(EncryptionKey::from_base64(
+        key.trim(),
+        finx_gateway::store::crypto::KeySource::Env("stdout".into())
+    )
+    .is_ok());
+}
