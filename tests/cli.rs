@@ -266,3 +266,27 @@ fn key_generate_prints_a_usable_key() {
     )
     .is_ok());
 }
+
+#[test]
+fn shipped_sample_configs_are_valid() {
+    // The example names production paths and variables: it must at least parse with every key
+    // known.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+    finx_gateway::config::Config::read_file(&example).expect("example parses");
+
+    // The demo config validates completely once its two environment variables are set.
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
+        .args(["check-config", demo.to_str().unwrap()])
+        .env(
+            "FINX_GATEWAY_KEY",
+            EncryptionKey::generate().to_base64().expose_secret(),
+        )
+        .env(
+            "FINX_DEMO_CALLER_KEY",
+            EncryptionKey::generate().to_base64().expose_secret(),
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+}
