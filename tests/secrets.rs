@@ -70,8 +70,10 @@ async fn no_secret_reaches_a_log_line() {
         424
     );
     secrets.push(harness.import_user("canary-flaky").await);
-    let mut faults = finx_gateway::sim::Faults::default();
-    faults.token_error_rate = 1.0;
+    let faults = finx_gateway::sim::Faults {
+        token_error_rate: 1.0,
+        ..Default::default()
+    };
     harness.control.set_faults(&faults).await.unwrap();
     assert_eq!(
         harness
