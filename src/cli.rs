@@ -178,9 +178,8 @@ fn serve(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     crate::telemetry::init(&config.telemetry);
     let store = crate::open_store(&config).map_err(|e| e.to_string())?;
-    let tokens = crate::build_token_manager(&config, store, Arc::new(SystemClock))
-        .map_err(|e| e.to_string())?;
-    let server = crate::build_server(&config, tokens).map_err(|e| e.to_string())?;
+    let (server, _tokens) =
+        crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, "finx-gateway serving");
     server.run_forever()
 }

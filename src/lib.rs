@@ -9,6 +9,7 @@ pub mod callers;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod error;
 pub mod proxy;
@@ -34,6 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::connect::ConnectService;
 use crate::proxy::{FinxProxy, ProxyParts};
 use crate::store::sqlite::SqliteStore;
 use crate::store::TokenStore;
@@ -64,31 +66,60 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
     Ok(Arc::new(store))
 }
 
-/// The token manager for `config`, over `store`.
-pub fn build_token_manager(
-    config: &Config,
-    store: Arc<dyn TokenStore>,
-    clock: Arc<dyn Clock>,
-) -> Result<TokenManager, StartError> {
-    let client = TokenClient::new(
+fn token_client(config: &Config) -> Result<TokenClient, StartError> {
+    TokenClient::new(
         &config.upstream.base_url,
         &config.client.id,
         config.client.secret.clone(),
         config.upstream.connect_timeout,
         config.upstream.token_timeout,
     )
-    .map_err(|e| StartError::Setup(format!("HTTP client for the token endpoint: {e}")))?;
+    .map_err(|e| StartError::Setup(format!("HTTP client for finX: {e}")))
+}
+
+/// The token manager for `config`, over `store`.
+pub fn build_token_manager(
+    config: &Config,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<TokenManager, StartError> {
     Ok(TokenManager::new(
         store,
-        client,
+        token_client(config)?,
         clock,
         config.tokens.refresh_skew,
+        config.tokens.one_time_retention,
         config.tokens.cache_capacity,
     ))
 }
 
-/// Builds the pingora server with the proxy service listening on `config.listen`.
-pub fn build_server(config: &Config, tokens: TokenManager) -> Result<Server, StartError> {
+/// Builds the pingora server with the proxy service listening on `config.listen`; returns it
+/// with its token manager.
+pub fn build_server(
+    config: &Config,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Server, TokenManager), StartError> {
+    let tokens = build_token_manager(config, store.clone(), clock.clone())?;
+    let connect = match &config.connect {
+        Some(settings) => Some(Arc::new(ConnectService::new(
+            settings.clone(),
+            token_client(config)?,
+            store,
+            tokens.clone(),
+            clock,
+        ))),
+        None => None,
+    };
+    let server = build_proxy_server(config, tokens.clone(), connect)?;
+    Ok((server, tokens))
+}
+
+fn build_proxy_server(
+    config: &Config,
+    tokens: TokenManager,
+    connect: Option<Arc<ConnectService>>,
+) -> Result<Server, StartError> {
     let mut server_conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
@@ -130,6 +161,7 @@ pub fn build_server(config: &Config, tokens: TokenManager) -> Result<Server, Sta
         client_basic,
         user_header: config.routing.user_header.clone(),
         flow_header: config.routing.flow_header.clone(),
+        connect,
     });
     let mut service = http_proxy_service_with_name(&server.configuration, proxy, "finx-gateway");
     service.add_tcp(&config.listen.to_string());
@@ -171,8 +203,7 @@ impl RunningGateway {
         if config.listen.port() == 0 {
             config.listen = reserve_port(config.listen.ip())?;
         }
-        let tokens = build_token_manager(&config, store, clock)?;
-        let server = build_server(&config, tokens.clone())?;
+        let (server, tokens) = build_server(&config, store, clock)?;
         let (shutdown, receiver) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("finx-gateway".into())

@@ -274,7 +274,7 @@ fn shipped_sample_configs_are_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
     finx_gateway::config::Config::read_file(&example).expect("example parses");
 
-    // The demo config validates completely once its two environment variables are set.
+    // The demo config validates completely once its environment variables are set.
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
     let output = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
         .args(["check-config", demo.to_str().unwrap()])
@@ -284,6 +284,10 @@ fn shipped_sample_configs_are_valid() {
         )
         .env(
             "FINX_DEMO_CALLER_KEY",
+            EncryptionKey::generate().to_base64().expose_secret(),
+        )
+        .env(
+            "FINX_DEMO_STATE_KEY",
             EncryptionKey::generate().to_base64().expose_secret(),
         )
         .output()

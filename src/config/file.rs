@@ -31,6 +31,26 @@ pub struct ConfigFile {
     /// `[callers]`: caller authentication and per-service policy (see `crate::callers`).
     #[serde(default)]
     pub callers: crate::callers::CallersFile,
+    /// `[connect]`: connect flows through the gateway; absent means flows are closed.
+    pub connect: Option<ConnectFile>,
+}
+
+/// `[connect]`: widget links, the callback and the code exchange.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectFile {
+    /// The gateway's callback as finX redirects browsers to it; its path is the callback route.
+    pub callback_url: Option<String>,
+    /// Where callers may send their users back to: scheme, host and port exact, path prefix.
+    #[serde(default)]
+    pub allowed_redirects: Vec<String>,
+    /// The HMAC key (at least 32 bytes) that signs the gateway's flow state.
+    pub state_key: Option<SecretRef>,
+    /// How long a started flow may take before its state expires.
+    #[serde(default, with = "humantime_serde")]
+    pub state_ttl: Option<Duration>,
+    /// Serve the demo page (`/demo`); only `finx-gateway demo` sets this.
+    pub demo_page: Option<bool>,
 }
 
 /// `[listener]`
@@ -78,6 +98,9 @@ pub struct TokensFile {
     #[serde(default, with = "humantime_serde")]
     pub refresh_skew: Option<Duration>,
     pub cache_capacity: Option<u64>,
+    /// How long one-time flow connections are kept (finX deletes their data after an hour).
+    #[serde(default, with = "humantime_serde")]
+    pub one_time_retention: Option<Duration>,
 }
 
 /// `[routing]`

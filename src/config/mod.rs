@@ -51,6 +51,62 @@ pub struct Config {
     pub server: ServerConfig,
     /// Caller authentication and policy, validated and with its keys loaded.
     pub callers: Arc<CallerAuth>,
+    /// Connect flows; `None` keeps `/onetime/**` and `/ongoing/**` closed.
+    pub connect: Option<ConnectConfig>,
+}
+
+/// Connect flows through the gateway.
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    pub callback_url: Url,
+    /// The path of `callback_url`, answered by the gateway.
+    pub callback_path: String,
+    pub allowed_redirects: Vec<RedirectRule>,
+    pub state_key: SecretString,
+    pub state_ttl: Duration,
+    pub demo_page: bool,
+}
+
+/// One allowed return address: scheme, host and port must be equal, the path must start with
+/// `path_prefix` at a segment boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectRule {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+    path_prefix: String,
+}
+
+impl RedirectRule {
+    /// Parses an allow-list entry such as `https://app.example.com/finx/`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("{text:?}: only http and https redirects are allowed"));
+        }
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            return Err(format!("{text:?}: no query, fragment or user info in an allowed redirect"));
+        }
+        let host = url.host_str().ok_or_else(|| format!("{text:?} has no host"))?;
+        Ok(Self {
+            scheme: url.scheme().to_owned(),
+            host: host.to_owned(),
+            port: url.port_or_known_default(),
+            path_prefix: url.path().to_owned(),
+        })
+    }
+
+    /// Whether `candidate` is a return address this rule allows.
+    pub fn allows(&self, candidate: &Url) -> bool {
+        let path = candidate.path();
+        let prefix = self.path_prefix.trim_end_matches('/');
+        candidate.scheme() == self.scheme
+            && candidate.host_str() == Some(self.host.as_str())
+            && candidate.port_or_known_default() == self.port
+            && candidate.username().is_empty()
+            && candidate.password().is_none()
+            && (path == prefix || path.starts_with(&format!("{prefix}/")) || path == self.path_prefix)
+    }
 }
 
 /// finX, resolved once at start-up so the request path never does DNS.
@@ -96,6 +152,8 @@ pub struct TokensConfig {
     pub refresh_skew: Duration,
     /// Maximum number of cached access tokens.
     pub cache_capacity: u64,
+    /// How long one-time flow connections are kept.
+    pub one_time_retention: Duration,
 }
 
 /// How callers name the connection a request is for.
@@ -232,6 +290,15 @@ impl Config {
         }
         let grace_period = file.server.grace_period.unwrap_or(Duration::from_secs(5));
 
+        let connect = file
+            .connect
+            .as_ref()
+            .and_then(|connect| validate_connect(connect, base_dir, &mut errors));
+        let one_time_retention = file
+            .tokens
+            .one_time_retention
+            .unwrap_or(Duration::from_secs(3600));
+
         let callers = match CallerAuth::from_file(&file.callers, base_dir) {
             Ok(callers) => {
                 if let Err(e) = callers.check_listener(listen_text) {
@@ -279,6 +346,7 @@ impl Config {
                 tokens: TokensConfig {
                     refresh_skew,
                     cache_capacity,
+                    one_time_retention,
                 },
                 routing: RoutingConfig {
                     user_header,
@@ -290,6 +358,7 @@ impl Config {
                     grace_period,
                 },
                 callers,
+                connect,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -312,6 +381,59 @@ fn required_secret(
         .resolve_in(base_dir)
         .map_err(|e| errors.push(format!("{key}: {e}")))
         .ok()
+}
+
+fn validate_connect(
+    file: &file::ConnectFile,
+    base_dir: &Path,
+    errors: &mut Vec<String>,
+) -> Option<ConnectConfig> {
+    let before = errors.len();
+    let callback_url = match file.callback_url.as_deref().map(Url::parse) {
+        Some(Ok(url)) if matches!(url.scheme(), "http" | "https") && url.query().is_none() => {
+            Some(url)
+        }
+        Some(_) => {
+            errors.push("connect.callback_url: must be an http(s) URL without a query".into());
+            None
+        }
+        None => {
+            errors.push("connect.callback_url: required when [connect] is present".into());
+            None
+        }
+    };
+    if file.allowed_redirects.is_empty() {
+        errors.push("connect.allowed_redirects: name at least one return address".into());
+    }
+    let allowed_redirects: Vec<RedirectRule> = file
+        .allowed_redirects
+        .iter()
+        .filter_map(|entry| {
+            RedirectRule::parse(entry)
+                .map_err(|e| errors.push(format!("connect.allowed_redirects: {e}")))
+                .ok()
+        })
+        .collect();
+    let state_key = required_secret("connect.state_key", file.state_key.as_ref(), base_dir, errors);
+    if let Some(key) = &state_key {
+        use secrecy::ExposeSecret;
+        if key.expose_secret().len() < 32 {
+            errors.push("connect.state_key: must be at least 32 bytes".into());
+        }
+    }
+    let state_ttl = file.state_ttl.unwrap_or(Duration::from_secs(30 * 60));
+    if errors.len() > before {
+        return None;
+    }
+    let callback_url = callback_url?;
+    Some(ConnectConfig {
+        callback_path: callback_url.path().to_owned(),
+        callback_url,
+        allowed_redirects,
+        state_key: state_key?,
+        state_ttl,
+        demo_page: file.demo_page.unwrap_or(false),
+    })
 }
 
 fn key_source(

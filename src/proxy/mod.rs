@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -18,6 +18,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::callers::{Caller, CallerAuth};
 use crate::clock::{Clock, SystemClock};
+use crate::connect::{ConnectService, FlowKind, MAX_FLOW_BODY};
 use crate::error::GatewayError;
 use crate::store::ConnectionKey;
 use crate::tokens::{Credential, TokenManager};
@@ -40,6 +41,8 @@ pub struct ProxyParts {
     pub client_basic: HeaderValue,
     pub user_header: HeaderName,
     pub flow_header: HeaderName,
+    /// Connect flows and the callback; `None` keeps them closed.
+    pub connect: Option<Arc<ConnectService>>,
 }
 
 /// What one request learned on its way through the phases.
@@ -65,40 +68,114 @@ impl FinxProxy {
     ///
     /// Order matters: the caller is authenticated and authorised before any token work or
     /// finX call, so an unauthorised caller cannot even learn whether a connection exists.
-    async fn admit(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<bool, GatewayError> {
+    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, GatewayError> {
         let parts = &self.parts;
         let request = session.req_header();
         // Judge the bytes pingora will send to finX, not the parsed URI: an unparsable target
         // (`\auth\token`) is forwarded verbatim.
         let path = routes::request_path(request.raw_path())?;
-        let route = routes::classify(path)?;
+        let callback_path = parts.connect.as_ref().map_or("/callback", |c| c.callback_path());
+        let route = routes::classify(path, callback_path)?;
         ctx.route = Some(route);
-        if route == Route::Health {
-            respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
-                .await
-                .map_err(|_| GatewayError::Internal)?;
-            return Ok(true);
+        match route {
+            Route::Health => {
+                respond::send_json(session, StatusCode::OK, r#"{"status":"ok"}"#)
+                    .await
+                    .map_err(|_| GatewayError::Internal)?;
+                return Ok(true);
+            }
+            // The browser coming back from finX carries no caller credential; the signed
+            // state is what authorises it.
+            Route::Callback if request.method == Method::GET => {
+                self.browser_callback(session).await?;
+                return Ok(true);
+            }
+            Route::Demo => return crate::demo::page::serve(session, parts).await,
+            _ => {}
         }
 
-        let caller = parts
-            .callers
-            .authenticate(&request.headers, SystemClock.now())?;
+        let caller = parts.callers.authenticate(&request.headers, SystemClock.now())?;
         ctx.caller = Some(caller.clone());
-        caller.authorize_route(&request.method, path)?;
         caller.check_rate()?;
-
-        if route == Route::UserData {
-            let key = self.connection_key(request)?;
-            // One-time flow connections are authorised under their stored name, `flow:<id>`.
-            caller.authorize_user(key.as_str())?;
-            ctx.connection = Some(key.clone());
-            ctx.credential = Some(parts.tokens.bearer(&key).await?);
+        match route {
+            Route::Flow(kind) => {
+                self.start_flow(session, kind, &caller).await?;
+                Ok(true)
+            }
+            Route::Callback => {
+                self.service_callback(session, &caller).await?;
+                Ok(true)
+            }
+            Route::UserData => {
+                caller.authorize_route(&request.method, path)?;
+                let key = self.connection_key(request)?;
+                // One-time flow connections are authorised under their stored name, `flow:<id>`.
+                caller.authorize_user(key.as_str())?;
+                ctx.connection = Some(key.clone());
+                ctx.credential = Some(parts.tokens.bearer(&key).await?);
+                Ok(false)
+            }
+            Route::ClientData => {
+                caller.authorize_route(&request.method, path)?;
+                Ok(false)
+            }
+            Route::Health | Route::Demo => Err(GatewayError::Internal),
         }
-        Ok(false)
+    }
+
+    fn connect(&self) -> Result<&ConnectService, GatewayError> {
+        self.parts
+            .connect
+            .as_deref()
+            .ok_or(GatewayError::RouteForbidden("connect flows are not configured on this gateway"))
+    }
+
+    /// `POST /onetime/*`, `/ongoing/*`: checked, rewritten and forwarded by the connect service;
+    /// finX's answer goes back unchanged.
+    async fn start_flow(&self, session: &mut Session, kind: FlowKind, caller: &Caller) -> Result<(), GatewayError> {
+        let connect = self.connect()?;
+        if session.req_header().method != Method::POST {
+            return Err(GatewayError::BadRequest("connect flows are started with POST".into()));
+        }
+        caller.authorize_flow(kind.name())?;
+        let body = read_body(session, MAX_FLOW_BODY).await?;
+        let answer = connect.start_flow(kind, caller, &body).await?;
+        respond::send_upstream_answer(session, answer.status, answer.content_type.as_deref(), answer.body)
+            .await
+            .map_err(|_| GatewayError::Internal)
+    }
+
+    /// `GET /callback` from the user's browser: completes the flow, then redirects to the
+    /// caller's own `redirect_uri`.
+    async fn browser_callback(&self, session: &mut Session) -> Result<(), GatewayError> {
+        let connect = self.connect()?;
+        let query = query_of(session.req_header().raw_path())?.to_owned();
+        let completion = connect.complete(&query, None).await?;
+        respond::send_redirect(session, completion.redirect.as_str())
+            .await
+            .map_err(|_| GatewayError::Internal)
+    }
+
+    /// `POST /callback` from a service whose app received the browser itself: the query string
+    /// comes in the URL or as a form body; the answer is JSON.
+    async fn service_callback(&self, session: &mut Session, caller: &Caller) -> Result<(), GatewayError> {
+        let connect = self.connect()?;
+        let mut query = query_of(session.req_header().raw_path())?.to_owned();
+        if query.is_empty() {
+            let body = read_body(session, MAX_FLOW_BODY).await?;
+            query = String::from_utf8(body)
+                .map_err(|_| GatewayError::BadRequest("the callback body is not UTF-8".into()))?;
+        }
+        let completion = connect.complete(query.trim(), Some(caller)).await?;
+        let body = serde_json::json!({
+            "success": completion.success,
+            "flow_id": completion.flow_id,
+            "connection": completion.connection.as_ref().map(ConnectionKey::as_str),
+            "error": completion.error,
+        });
+        respond::send_json_value(session, StatusCode::OK, &body)
+            .await
+            .map_err(|_| GatewayError::Internal)
     }
 
     /// The connection named by exactly one of the user and flow headers.
@@ -156,6 +233,31 @@ impl FinxProxy {
             _ => Some(GatewayError::Internal),
         }
     }
+}
+
+/// The query string of a raw request target ("" when there is none).
+fn query_of(raw_target: &[u8]) -> Result<&str, GatewayError> {
+    let target = std::str::from_utf8(raw_target)
+        .map_err(|_| GatewayError::BadRequest("the request target is not UTF-8".into()))?;
+    Ok(target.split_once('?').map_or("", |(_, query)| query))
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|_| GatewayError::BadRequest("the request body could not be read".into()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(GatewayError::BadRequest(
+                format!("the request body is larger than {limit} bytes").into(),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[async_trait]

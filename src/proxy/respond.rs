@@ -1,7 +1,9 @@
 //! Writes the gateway's own answers: JSON errors (DESIGN.md §4) and the health answer.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -29,6 +31,46 @@ pub async fn send_json(
 ) -> Result<()> {
     let header = ResponseHeader::build(status, Some(3))?;
     send(session, header, Bytes::from_static(body.as_bytes())).await
+}
+
+/// Sends a JSON value.
+pub async fn send_json_value(session: &mut Session, status: StatusCode, body: &serde_json::Value) -> Result<()> {
+    let header = ResponseHeader::build(status, Some(3))?;
+    send(session, header, Bytes::from(body.to_string())).await
+}
+
+/// Sends a `302 Found` to `location`.
+pub async fn send_redirect(session: &mut Session, location: &str) -> Result<()> {
+    let mut header = ResponseHeader::build(StatusCode::FOUND, Some(4))?;
+    header.insert_header(LOCATION, location)?;
+    header.insert_header(CACHE_CONTROL, "no-store")?;
+    header.insert_header(CONTENT_LENGTH, 0)?;
+    session.write_response_header(Box::new(header), true).await
+}
+
+/// Sends finX's answer to a request the gateway made itself, as finX gave it.
+pub async fn send_upstream_answer(
+    session: &mut Session,
+    status: u16,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(3))?;
+    if let Some(content_type) = content_type {
+        header.insert_header(CONTENT_TYPE, content_type)?;
+    }
+    header.insert_header(CONTENT_LENGTH, body.len())?;
+    session.write_response_header(Box::new(header), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Sends an HTML page (the demo's).
+pub async fn send_html(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(3))?;
+    header.insert_header(CONTENT_TYPE, "text/html; charset=utf-8")?;
+    header.insert_header(CONTENT_LENGTH, body.len())?;
+    session.write_response_header(Box::new(header), false).await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await
 }
 
 async fn send(session: &mut Session, mut header: ResponseHeader, body: Bytes) -> Result<()> {

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
+use crate::connect::FlowKind;
 use crate::error::GatewayError;
 
 /// What a request path is, and so which credential it gets.
@@ -22,6 +23,12 @@ pub enum Route {
     ClientData,
     /// `/healthz`: answered by the gateway.
     Health,
+    /// A connect-flow initiation (`/onetime/*`, `/ongoing/*`): handled by the gateway.
+    Flow(FlowKind),
+    /// The gateway's callback (path configurable).
+    Callback,
+    /// The demo page (`/demo`, `/demo/*`), served in demo mode only.
+    Demo,
 }
 
 impl Route {
@@ -31,12 +38,14 @@ impl Route {
             Self::UserData => "user_data",
             Self::ClientData => "client_data",
             Self::Health => "health",
+            Self::Flow(_) => "connect_flow",
+            Self::Callback => "callback",
+            Self::Demo => "demo",
         }
     }
 }
 
 const AUTH_FORBIDDEN: &str = "the finX /auth endpoints are closed to callers";
-const FLOWS_CLOSED: &str = "connect flows are not open on this gateway";
 
 /// The path part of a raw request target, as UTF-8.
 pub fn request_path(raw_target: &[u8]) -> Result<&str, GatewayError> {
@@ -46,7 +55,7 @@ pub fn request_path(raw_target: &[u8]) -> Result<&str, GatewayError> {
 }
 
 /// Judges a request path (the raw target's path, still percent-encoded).
-pub fn classify(raw_path: &str) -> Result<Route, GatewayError> {
+pub fn classify(raw_path: &str, callback_path: &str) -> Result<Route, GatewayError> {
     if names_auth(raw_path) {
         return Err(GatewayError::RouteForbidden(AUTH_FORBIDDEN));
     }
@@ -54,6 +63,12 @@ pub fn classify(raw_path: &str) -> Result<Route, GatewayError> {
     let path: &str = &decoded;
     if path == "/healthz" {
         return Ok(Route::Health);
+    }
+    if path == callback_path {
+        return Ok(Route::Callback);
+    }
+    if is_under(path, "/demo") {
+        return Ok(Route::Demo);
     }
     if path == "/rest" || path.starts_with("/rest/") {
         return Ok(Route::UserData);
@@ -66,8 +81,8 @@ pub fn classify(raw_path: &str) -> Result<Route, GatewayError> {
     {
         return Ok(Route::ClientData);
     }
-    if is_under(path, "/onetime") || is_under(path, "/ongoing") {
-        return Err(GatewayError::RouteForbidden(FLOWS_CLOSED));
+    if let Some(kind) = FlowKind::from_path(path) {
+        return Ok(Route::Flow(kind));
     }
     Err(GatewayError::RouteNotFound)
 }
@@ -165,25 +180,29 @@ fn decode_unambiguous(raw_path: &str) -> Result<Cow<'_, str>, GatewayError> {
 mod tests {
     use super::*;
 
+    fn classify_default(path: &str) -> Result<Route, GatewayError> {
+        classify(path, "/callback")
+    }
+
     #[test]
     fn routes_of_the_design() {
-        assert_eq!(classify("/rest/accounts"), Ok(Route::UserData));
+        assert_eq!(classify_default("/rest/accounts"), Ok(Route::UserData));
         assert_eq!(
-            classify("/rest/accounts/A%20B/transactions"),
+            classify_default("/rest/accounts/A%20B/transactions"),
             Ok(Route::UserData)
         );
-        assert_eq!(classify("/category-tree"), Ok(Route::ClientData));
-        assert_eq!(classify("/rpc/categorize"), Ok(Route::ClientData));
-        assert_eq!(classify("/payment-receipts/42"), Ok(Route::ClientData));
-        assert_eq!(classify("/healthz"), Ok(Route::Health));
+        assert_eq!(classify_default("/category-tree"), Ok(Route::ClientData));
+        assert_eq!(classify_default("/rpc/categorize"), Ok(Route::ClientData));
+        assert_eq!(classify_default("/payment-receipts/42"), Ok(Route::ClientData));
+        assert_eq!(classify_default("/healthz"), Ok(Route::Health));
         assert_eq!(
-            classify("/payment-receipts/"),
+            classify_default("/payment-receipts/"),
             Err(GatewayError::RouteNotFound)
         );
-        assert_eq!(classify("/restful"), Err(GatewayError::RouteNotFound));
-        assert_eq!(classify("/"), Err(GatewayError::RouteNotFound));
+        assert_eq!(classify_default("/restful"), Err(GatewayError::RouteNotFound));
+        assert_eq!(classify_default("/"), Err(GatewayError::RouteNotFound));
         assert!(matches!(
-            classify("/ongoing/access"),
+            classify_default("/ongoing/access"),
             Err(GatewayError::RouteForbidden(_))
         ));
     }
@@ -215,7 +234,7 @@ mod tests {
             "/ auth/token",
             "/rest/%252e%252e/auth/token",
         ] {
-            let verdict = classify(path);
+            let verdict = classify_default(path);
             assert!(
                 matches!(verdict, Err(GatewayError::RouteForbidden(_))),
                 "{path} gave {verdict:?}"
@@ -238,9 +257,9 @@ mod tests {
             "/rest/\u{7f}",
         ] {
             assert!(
-                matches!(classify(path), Err(GatewayError::BadRequest(_))),
+                matches!(classify_default(path), Err(GatewayError::BadRequest(_))),
                 "{path} gave {:?}",
-                classify(path)
+                classify_default(path)
             );
         }
     }

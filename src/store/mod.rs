@@ -62,6 +62,11 @@ impl ConnectionKey {
         }
     }
 
+    /// Whether this is a one-time flow's connection.
+    pub fn is_flow(&self) -> bool {
+        self.0.starts_with("flow:")
+    }
+
     /// The stored form, also used in logs (a key is not a secret).
     pub fn as_str(&self) -> &str {
         &self.0
@@ -144,6 +149,8 @@ pub struct ConnectionSummary {
     pub version: i64,
     pub created_at: UnixSeconds,
     pub refreshed_at: Option<UnixSeconds>,
+    /// Last successful manual synchronisation through the gateway.
+    pub synced_at: Option<UnixSeconds>,
 }
 
 /// A stored connection, decrypted.
@@ -158,6 +165,8 @@ pub struct Connection {
     pub version: i64,
     pub created_at: UnixSeconds,
     pub refreshed_at: Option<UnixSeconds>,
+    /// Last successful manual synchronisation through the gateway.
+    pub synced_at: Option<UnixSeconds>,
 }
 
 /// Why a store operation failed.
@@ -213,6 +222,9 @@ pub trait TokenStore: Send + Sync + 'static {
         status: ConnectionStatus,
         now: UnixSeconds,
     ) -> Result<(), StoreError>;
+
+    /// Records a successful manual synchronisation (`/ongoing/sync`); tokens are untouched.
+    async fn record_sync(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError>;
 
     /// Deletes a connection; `false` when there was none.
     async fn delete(&self, key: &ConnectionKey) -> Result<bool, StoreError>;

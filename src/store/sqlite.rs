@@ -64,6 +64,8 @@ CREATE TABLE connections (
     version           INTEGER NOT NULL CHECK (version >= 1),
     created_at        INTEGER NOT NULL,
     refreshed_at      INTEGER,
+    -- Last successful manual synchronisation (`/ongoing/sync`) through the gateway.
+    synced_at         INTEGER,
     updated_at        INTEGER NOT NULL,
     key_id            TEXT    NOT NULL,
     CHECK ((access_token IS NULL) = (access_expires_at IS NULL))
@@ -71,7 +73,8 @@ CREATE TABLE connections (
 ";
 
 const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_expires_at, scope, \
-                          version, created_at, refreshed_at FROM connections WHERE key = ?1";
+                          version, created_at, refreshed_at, synced_at FROM connections \
+                          WHERE key = ?1";
 
 /// Why [`SqliteStore::open`] failed. No message ever contains key or token material.
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +351,7 @@ struct StoredRow {
     version: i64,
     created_at: UnixSeconds,
     refreshed_at: Option<UnixSeconds>,
+    synced_at: Option<UnixSeconds>,
 }
 
 fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow>, StoreError> {
@@ -361,6 +365,7 @@ fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow
             version: row.get(5)?,
             created_at: row.get(6)?,
             refreshed_at: row.get(7)?,
+            synced_at: row.get(8)?,
         })
     })
     .optional()
@@ -415,6 +420,7 @@ fn decrypt_row(
         version: row.version,
         created_at: row.created_at,
         refreshed_at: row.refreshed_at,
+        synced_at: row.synced_at,
     })
 }
 
@@ -489,7 +495,7 @@ impl TokenStore for SqliteStore {
                      access_token = excluded.access_token, \
                      access_expires_at = excluded.access_expires_at, scope = excluded.scope, \
                      version = excluded.version, created_at = excluded.created_at, \
-                     refreshed_at = NULL, updated_at = excluded.updated_at, \
+                     refreshed_at = NULL, synced_at = NULL, updated_at = excluded.updated_at, \
                      key_id = excluded.key_id",
                     params![
                         stored_key.as_str(),
@@ -517,6 +523,7 @@ impl TokenStore for SqliteStore {
             version,
             created_at: now,
             refreshed_at: None,
+            synced_at: None,
         })
     }
 
@@ -591,7 +598,26 @@ impl TokenStore for SqliteStore {
                 version: expected_version + 1,
                 created_at: row.created_at,
                 refreshed_at: Some(now),
+                synced_at: row.synced_at,
             })
+        })
+        .await
+    }
+
+    /// Leaves the version alone: a sync changes no token, so an in-flight refresh stays valid.
+    async fn record_sync(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.run(move |conn, _| {
+            let changed = conn
+                .execute(
+                    "UPDATE connections SET synced_at = ?1, updated_at = ?1 WHERE key = ?2",
+                    params![now, key.as_str()],
+                )
+                .map_err(unavailable)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(key));
+            }
+            Ok(())
         })
         .await
     }
@@ -653,8 +679,8 @@ impl TokenStore for SqliteStore {
         self.run(|conn, _| {
             let mut statement = conn
                 .prepare(
-                    "SELECT key, status, version, created_at, refreshed_at FROM connections \
-                     ORDER BY key",
+                    "SELECT key, status, version, created_at, refreshed_at, synced_at \
+                     FROM connections ORDER BY key",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -665,12 +691,13 @@ impl TokenStore for SqliteStore {
                         row.get::<_, i64>(2)?,
                         row.get::<_, UnixSeconds>(3)?,
                         row.get::<_, Option<UnixSeconds>>(4)?,
+                        row.get::<_, Option<UnixSeconds>>(5)?,
                     ))
                 })
                 .map_err(unavailable)?;
             let mut summaries = Vec::new();
             for row in rows {
-                let (stored, status, version, created_at, refreshed_at) =
+                let (stored, status, version, created_at, refreshed_at, synced_at) =
                     row.map_err(unavailable)?;
                 let Ok(key) = ConnectionKey::from_stored(&stored) else {
                     tracing::warn!("token store holds a row with an invalid connection key");
@@ -685,6 +712,7 @@ impl TokenStore for SqliteStore {
                     version,
                     created_at,
                     refreshed_at,
+                    synced_at,
                 });
             }
             Ok(summaries)

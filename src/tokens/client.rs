@@ -37,6 +37,7 @@ const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 #[derive(Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
+    base: String,
     endpoint: String,
     client_id: String,
     client_secret: SecretString,
@@ -65,9 +66,11 @@ impl TokenClient {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()?;
-        let endpoint = format!("{}/auth/token", base_url.as_str().trim_end_matches('/'));
+        let base = base_url.as_str().trim_end_matches('/').to_owned();
+        let endpoint = format!("{base}/auth/token");
         Ok(Self {
             http,
+            base,
             endpoint,
             client_id: client_id.to_owned(),
             client_secret,
@@ -100,6 +103,31 @@ impl TokenClient {
             "redirect_uri": redirect_uri,
         });
         self.request(&body, now).await
+    }
+
+    /// POSTs a JSON body to `path` with client Basic auth and returns finX's answer as it is
+    /// (status, content type, body); only transport failures are errors.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), TokenFailure> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .basic_auth(&self.client_id, Some(self.client_secret.expose_secret()))
+            .json(body)
+            .send()
+            .await
+            .map_err(classify_transport)?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await.map_err(classify_transport)?;
+        Ok((status, content_type, body))
     }
 
     async fn request(&self, body: &Value, now: UnixSeconds) -> Result<TokenGrant, TokenFailure> {

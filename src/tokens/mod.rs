@@ -117,6 +117,7 @@ struct Inner {
     client: TokenClient,
     clock: Arc<dyn Clock>,
     skew_secs: i64,
+    one_time_retention_secs: i64,
     locks: KeyedLocks,
 }
 
@@ -127,6 +128,7 @@ impl TokenManager {
         client: TokenClient,
         clock: Arc<dyn Clock>,
         refresh_skew: Duration,
+        one_time_retention: Duration,
         capacity: u64,
     ) -> Self {
         let skew_secs = refresh_skew.as_secs() as i64;
@@ -149,6 +151,7 @@ impl TokenManager {
                 client,
                 clock,
                 skew_secs,
+                one_time_retention_secs: one_time_retention.as_secs() as i64,
                 locks: KeyedLocks::default(),
             }),
         }
@@ -233,6 +236,13 @@ impl Inner {
             .await
             .map_err(|e| store_failure(key, "load", e))?
             .ok_or(TokenError::NotFound)?;
+        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= self.clock.now() {
+            // finX has deleted a one-time flow's data by now; so does the gateway.
+            if let Err(e) = self.store.delete(key).await {
+                return Err(store_failure(key, "delete expired one-time connection", e));
+            }
+            return Err(TokenError::NotFound);
+        }
         if connection.status != ConnectionStatus::Active {
             return Err(TokenError::ReauthRequired);
         }
@@ -243,6 +253,10 @@ impl Inner {
                 connection.version,
                 TokenSource::Store,
             );
+        }
+        if connection.refresh_token.expose_secret().is_empty() {
+            // A grant that came without a refresh token ends with its access token.
+            return Err(TokenError::ReauthRequired);
         }
 
         let now = self.clock.now();

@@ -18,6 +18,9 @@ use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenStore}
 use finx_gateway::RunningGateway;
 use secrecy::{ExposeSecret, SecretString};
 
+/// The app's return address every test flow uses (allowed by the harness's gateway).
+pub const APP_RETURN: &str = "https://app.example/finx/return";
+
 /// Everything a gateway test needs. Dropping it stops gateway and simulator.
 pub struct Harness {
     pub sim: SimHandle,
@@ -29,6 +32,8 @@ pub struct Harness {
     gateway: Option<RunningGateway>,
     store: Option<Arc<dyn TokenStore>>,
     tweak: fn(&mut ConfigFile),
+    /// The gateway's address, fixed across restarts because the callback URL names it.
+    listen: SocketAddr,
     /// A caller JWT of the demo service (any user, the data routes).
     pub caller_token: String,
 }
@@ -45,7 +50,7 @@ impl Harness {
         let sim_config = sim.clone();
         let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
-        for name in ["store.key", "caller.key"] {
+        for name in ["store.key", "caller.key", "state.key"] {
             std::fs::write(
                 dir.path().join(name),
                 EncryptionKey::generate().to_base64().expose_secret(),
@@ -68,6 +73,7 @@ impl Harness {
             store: None,
             tweak,
             caller_token: String::new(),
+            listen: finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("free port"),
         };
         harness.caller_token =
             finx_gateway::demo::mint_demo_token(&harness.config()).expect("caller token");
@@ -80,7 +86,7 @@ impl Harness {
         let secret_path = self.dir.path().join("client-secret");
         std::fs::write(&secret_path, self.sim_config().client_secret).expect("secret file");
         let mut file = ConfigFile::default();
-        file.listener.address = Some("127.0.0.1:0".into());
+        file.listener.address = Some(self.listen.to_string());
         file.upstream.base_url = Some(self.sim.base_url());
         file.upstream.allow_insecure_http = Some(true);
         file.upstream.token_timeout = Some(Duration::from_secs(5));
@@ -94,6 +100,12 @@ impl Harness {
         for key in &mut file.callers.keys {
             key.secret = Some(SecretRef::File(self.dir.path().join("caller.key")));
         }
+        file.connect = demo.connect.map(|mut connect| {
+            connect.callback_url = Some(format!("http://{}/callback", self.listen));
+            connect.allowed_redirects = vec![APP_RETURN.to_owned()];
+            connect.state_key = Some(SecretRef::File(self.dir.path().join("state.key")));
+            connect
+        });
         (self.tweak)(&mut file);
         file
     }

@@ -14,8 +14,10 @@ use crate::store::crypto::EncryptionKey;
 use crate::store::{AccessToken, ConnectionKey, NewConnection};
 use crate::RunningGateway;
 
+pub mod page;
+
 /// The demo configuration, built into the binary so the demo runs from any directory.
-pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
+pub const DEMO_TOML: &str = include_str!("../../config/demo.toml");
 
 /// The user the demo seeds.
 pub const DEMO_USER: &str = "demo-user";
@@ -46,6 +48,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     let key_path = dir.path().join("store.key");
     let secret_path = dir.path().join("client-secret");
     let caller_key_path = dir.path().join("caller.key");
+    let state_key_path = dir.path().join("state.key");
     std::fs::write(
         &key_path,
         EncryptionKey::generate().to_base64().expose_secret(),
@@ -67,6 +70,12 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     file.client.secret = Some(SecretRef::File(secret_path));
     for key in &mut file.callers.keys {
         key.secret = Some(SecretRef::File(caller_key_path.clone()));
+    }
+    if let Some(connect) = &mut file.connect {
+        connect.callback_url = Some(format!("http://{listen}/callback"));
+        connect.allowed_redirects = vec![format!("http://{listen}/demo/")];
+        connect.state_key = Some(SecretRef::File(state_key_path));
+        connect.demo_page = Some(true);
     }
     let config = Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())?;
     crate::telemetry::init(&config.telemetry);
@@ -141,6 +150,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
          \n  curl -s {gateway}/auth/token -H \"Authorization: Bearer $TOKEN\"   # 403 route_forbidden\
          \n  curl -s {gateway}/rest/accounts -H \"Authorization: Bearer $TOKEN\" -H 'X-Finx-User: nobody'   # 404\
          \n  curl -s {sim}/_sim/stats                # what finX saw\
+         \n\nOr open {gateway}/demo in a browser: connect a (simulated) bank and see its accounts.\
          \n\nPress Ctrl-C to stop.",
         sim = demo.sim.base_url(),
         user = DEMO_USER,

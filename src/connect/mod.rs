@@ -1,0 +1,352 @@
+//! Connect flows through the gateway: a service starts a finX flow here and gets finX's widget
+//! link back; the user's browser returns to the gateway's callback, which exchanges the code,
+//! stores the tokens and only then sends the browser on to the service, without the code.
+//!
+//! The gateway replaces the caller's `redirect_uri` with its own callback and the caller's
+//! `state` with a signed [`state::FlowState`] that carries both originals, so the callback needs
+//! no session store. Used states are remembered until they expire.
+
+pub mod flows;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::distr::{Alphanumeric, SampleString};
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+use url::Url;
+
+use crate::callers::Caller;
+use crate::clock::Clock;
+use crate::config::ConnectConfig;
+use crate::error::GatewayError;
+use crate::store::{ConnectionKey, NewConnection, TokenStore};
+use crate::tokens::{TokenClient, TokenFailure, TokenManager};
+pub use flows::FlowKind;
+use state::{FlowState, StateError, StateSigner};
+
+/// The largest flow-initiation body the gateway reads.
+pub const MAX_FLOW_BODY: usize = 64 * 1024;
+
+/// finX's answer to a flow initiation, passed back unchanged.
+pub struct UpstreamAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// How a callback ended.
+#[derive(Debug)]
+pub struct Completion {
+    /// The caller's `redirect_uri` with its `state` and the outcome; never a code.
+    pub redirect: Url,
+    pub success: bool,
+    pub flow_id: Option<String>,
+    /// The connection stored (or synchronised), on success.
+    pub connection: Option<ConnectionKey>,
+    /// A short reason when the flow failed at the gateway (e.g. `exchange_failed`).
+    pub error: Option<&'static str>,
+}
+
+/// Starts flows and completes callbacks.
+pub struct ConnectService {
+    settings: ConnectConfig,
+    signer: StateSigner,
+    client: TokenClient,
+    store: Arc<dyn TokenStore>,
+    tokens: TokenManager,
+    clock: Arc<dyn Clock>,
+    used_states: moka::sync::Cache<String, ()>,
+}
+
+fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> GatewayError {
+    GatewayError::BadRequest(message.into())
+}
+
+impl From<StateError> for GatewayError {
+    fn from(error: StateError) -> Self {
+        bad(error.to_string())
+    }
+}
+
+impl ConnectService {
+    /// Builds the service; `tokens` is told about every connection a callback stores.
+    pub fn new(
+        settings: ConnectConfig,
+        client: TokenClient,
+        store: Arc<dyn TokenStore>,
+        tokens: TokenManager,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let used_states = moka::sync::Cache::builder()
+            .time_to_live(settings.state_ttl + Duration::from_secs(60))
+            .max_capacity(1_000_000)
+            .build();
+        Self {
+            signer: StateSigner::new(&settings.state_key),
+            settings,
+            client,
+            store,
+            tokens,
+            clock,
+            used_states,
+        }
+    }
+
+    /// The path the callback is served on.
+    pub fn callback_path(&self) -> &str {
+        &self.settings.callback_path
+    }
+
+    /// `scheme://host[:port]` of the callback URL: where browsers reach this gateway.
+    pub fn callback_origin(&self) -> String {
+        self.settings.callback_url.origin().ascii_serialization()
+    }
+
+    /// Whether the demo page is served.
+    pub fn demo_page(&self) -> bool {
+        self.settings.demo_page
+    }
+
+    /// Checks and rewrites a flow-initiation body, forwards it to finX and returns finX's answer.
+    pub async fn start_flow(
+        &self,
+        kind: FlowKind,
+        caller: &Caller,
+        body: &[u8],
+    ) -> Result<UpstreamAnswer, GatewayError> {
+        let mut request: Map<String, Value> = match serde_json::from_slice(body) {
+            Ok(Value::Object(object)) => object,
+            _ => return Err(bad("the flow request body must be a JSON object")),
+        };
+        let redirect_uri = match request.get("redirect_uri") {
+            Some(Value::String(uri)) => uri.clone(),
+            Some(_) => return Err(bad("redirect_uri must be a string")),
+            None => return Err(bad("redirect_uri is required (the gateway returns the user there)")),
+        };
+        let parsed = Url::parse(&redirect_uri).map_err(|_| bad("redirect_uri is not a URL"))?;
+        if !self.settings.allowed_redirects.iter().any(|rule| rule.allows(&parsed)) {
+            return Err(bad("redirect_uri is not allowed by this gateway"));
+        }
+        let original_state = match request.get("state") {
+            Some(Value::String(state)) => Some(state.clone()),
+            None | Some(Value::Null) => None,
+            Some(_) => return Err(bad("state must be a string")),
+        };
+        let user = match (kind.is_ongoing(), request.get("user_id")) {
+            (true, Some(Value::String(user))) => {
+                ConnectionKey::user(user).map_err(|_| bad("user_id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -"))?;
+                caller.authorize_user(user)?;
+                Some(user.clone())
+            }
+            (true, _) => return Err(bad("user_id is required for ongoing flows")),
+            (false, _) => None,
+        };
+
+        let now = self.clock.now();
+        let state = FlowState {
+            kind: kind.name().to_owned(),
+            user,
+            svc: caller.service().to_owned(),
+            ru: redirect_uri,
+            st: original_state,
+            iat: now,
+            exp: now + self.settings.state_ttl.as_secs() as i64,
+            jti: Alphanumeric.sample_string(&mut rand::rng(), 24),
+        };
+        let signed = self.signer.sign(&state).map_err(|_| GatewayError::Internal)?;
+        request.insert(
+            "redirect_uri".into(),
+            Value::String(self.settings.callback_url.to_string()),
+        );
+        request.insert("state".into(), Value::String(signed));
+
+        let (status, content_type, body) = self
+            .client
+            .post_json(&format!("/{}", kind.name()), &Value::Object(request))
+            .await
+            .map_err(upstream_error)?;
+        tracing::info!(flow = kind.name(), service = caller.service(), status, "connect flow started");
+        Ok(UpstreamAnswer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    /// Completes a flow from the callback's query string. `caller` is the authenticated caller
+    /// of a server-to-server callback; it must be the service that started the flow.
+    pub async fn complete(&self, query: &str, caller: Option<&Caller>) -> Result<Completion, GatewayError> {
+        let mut state_token = None;
+        let mut success = false;
+        let mut code: Option<SecretString> = None;
+        let mut flow_id = None;
+        let mut abort = None;
+        let mut cancel = None;
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "state" => state_token = Some(value.into_owned()),
+                "success" => success = value == "true",
+                "code" => code = Some(SecretString::from(value.into_owned())),
+                "flow_id" => flow_id = Some(value.into_owned()),
+                "abort" => abort = Some(value.into_owned()),
+                "cancel" => cancel = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        let state_token = state_token.ok_or_else(|| bad("the callback carries no state"))?;
+        let state = self.signer.verify(&state_token, self.clock.now())?;
+        if let Some(caller) = caller {
+            if caller.service() != state.svc {
+                return Err(GatewayError::CallerForbidden("the flow was started by another caller"));
+            }
+        }
+        let kind = FlowKind::from_path(&format!("/{}", state.kind)).ok_or(GatewayError::Internal)?;
+        // Single use: the first callback with this state wins, even if it then fails.
+        let first_use = self.used_states.entry(state.jti.clone()).or_insert(()).is_fresh();
+        if !first_use {
+            return Err(bad("the flow state was already used"));
+        }
+        let flow_id = flow_id.filter(|id| ConnectionKey::flow(id).is_ok());
+
+        let mut outcome = Outcome {
+            success,
+            connection: None,
+            error: None,
+        };
+        if success {
+            outcome = self.finish(kind, &state, code, flow_id.as_deref()).await;
+        }
+        let mut redirect = Url::parse(&state.ru).map_err(|_| GatewayError::Internal)?;
+        {
+            let mut pairs = redirect.query_pairs_mut();
+            if let Some(original) = &state.st {
+                pairs.append_pair("state", original);
+            }
+            pairs.append_pair("success", if outcome.success { "true" } else { "false" });
+            if let Some(flow_id) = &flow_id {
+                pairs.append_pair("flow_id", flow_id);
+            }
+            if let Some(abort) = &abort {
+                pairs.append_pair("abort", abort);
+            }
+            if let Some(cancel) = &cancel {
+                pairs.append_pair("cancel", cancel);
+            }
+            if let Some(error) = outcome.error {
+                pairs.append_pair("error", error);
+            }
+        }
+        tracing::info!(
+            flow = kind.name(),
+            service = %state.svc,
+            success = outcome.success,
+            error = outcome.error.unwrap_or("-"),
+            connection = outcome.connection.as_ref().map_or("-", ConnectionKey::as_str),
+            "connect flow completed"
+        );
+        Ok(Completion {
+            redirect,
+            success: outcome.success,
+            flow_id,
+            connection: outcome.connection,
+            error: outcome.error,
+        })
+    }
+
+    /// A successful return: exchange the code and store the tokens (or record the sync).
+    async fn finish(
+        &self,
+        kind: FlowKind,
+        state: &FlowState,
+        code: Option<SecretString>,
+        flow_id: Option<&str>,
+    ) -> Outcome {
+        let key = match (&state.user, flow_id) {
+            (Some(user), _) => ConnectionKey::user(user),
+            (None, Some(flow_id)) => ConnectionKey::flow(flow_id),
+            (None, None) => return Outcome::failed("missing_flow_id"),
+        };
+        let Ok(key) = key else {
+            return Outcome::failed("invalid_connection");
+        };
+        let now = self.clock.now();
+        if !kind.yields_code() {
+            return match self.store.record_sync(&key, now).await {
+                Ok(()) => Outcome::stored(key),
+                Err(error) => {
+                    tracing::warn!(connection = %key, %error, "could not record a manual sync");
+                    Outcome::failed("sync_not_recorded")
+                }
+            };
+        }
+        let Some(code) = code else {
+            return Outcome::failed("missing_code");
+        };
+        let grant = match self
+            .client
+            .exchange_code(&code, self.settings.callback_url.as_str(), now)
+            .await
+        {
+            Ok(grant) => grant,
+            Err(failure) => {
+                tracing::warn!(connection = %key, %failure, "code exchange failed");
+                return Outcome::failed("exchange_failed");
+            }
+        };
+        let connection = NewConnection {
+            // A grant without a refresh token lives as long as its access token.
+            refresh_token: grant.refresh_token.unwrap_or_else(|| SecretString::from(String::new())),
+            access: Some(grant.access),
+            scope: grant.scope,
+        };
+        match self.store.put_connection(&key, &connection, now).await {
+            Ok(_) => {
+                self.tokens.forget(&key).await;
+                Outcome::stored(key)
+            }
+            Err(error) => {
+                tracing::error!(connection = %key, %error, "exchanged tokens could not be stored");
+                Outcome::failed("store_unavailable")
+            }
+        }
+    }
+}
+
+struct Outcome {
+    success: bool,
+    connection: Option<ConnectionKey>,
+    error: Option<&'static str>,
+}
+
+impl Outcome {
+    fn stored(key: ConnectionKey) -> Self {
+        Self {
+            success: true,
+            connection: Some(key),
+            error: None,
+        }
+    }
+
+    fn failed(error: &'static str) -> Self {
+        Self {
+            success: false,
+            connection: None,
+            error: Some(error),
+        }
+    }
+}
+
+fn upstream_error(failure: TokenFailure) -> GatewayError {
+    match failure {
+        TokenFailure::Timeout => GatewayError::UpstreamTimeout {
+            retry_after_secs: 1,
+        },
+        TokenFailure::Unavailable {
+            retry_after_secs, ..
+        } => GatewayError::UpstreamUnavailable { retry_after_secs },
+        TokenFailure::InvalidGrant | TokenFailure::Rejected(_) => GatewayError::GatewayMisconfigured,
+    }
+}
