@@ -352,7 +352,8 @@ async fn gateway_errors_are_json_with_the_designed_codes() {
         ),
         ("/nowhere", None, 404, "route_not_found"),
         ("/auth/token", None, 403, "route_forbidden"),
-        ("/ongoing/access", None, 403, "route_forbidden"),
+        ("/ongoing/access", None, 400, "bad_request"),
+        ("/onetime/unknown-flow", None, 404, "route_not_found"),
     ];
     for (path, user, status, code) in cases {
         let mut request = harness.request(reqwest::Method::GET, path);

@@ -114,6 +114,37 @@ async fn no_secret_reaches_a_log_line() {
         .await;
     assert!(refused.is_err());
 
+    // A connect flow: finX's code passes through the callback and must not be logged.
+    let started: serde_json::Value = harness
+        .request(reqwest::Method::POST, "/ongoing/access")
+        .json(&serde_json::json!({"redirect_uri": support::APP_RETURN, "user_id": "canary-flow"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let flow_id = started["id"].as_str().expect("flow started");
+    let callback = harness.control.complete_widget(flow_id, "success").await.unwrap();
+    let callback = url::Url::parse(&callback).unwrap();
+    let code = callback
+        .query_pairs()
+        .find(|(name, _)| name == "code")
+        .map(|(_, value)| value.into_owned())
+        .expect("code");
+    secrets.push(code);
+    let state = callback
+        .query_pairs()
+        .find(|(name, _)| name == "state")
+        .map(|(_, value)| value.into_owned())
+        .expect("state");
+    secrets.push(state);
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    assert_eq!(browser.get(callback.as_str()).send().await.unwrap().status(), 302);
+
     // Every token the store holds now (the rotated ones) is a secret too.
     for user in [
         "canary-user",
