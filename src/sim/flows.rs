@@ -90,15 +90,8 @@ pub(crate) struct Flow {
     pub id: String,
     pub kind: FlowKind,
     pub client_id: String,
-    pub redirect_uri: Option<String>,
-    pub state: Option<String>,
-    pub user_id: Option<String>,
-    /// Name of the account holder (account verification) or of the report subject.
-    pub name: Option<String>,
-    /// IBANs or account ids the client suggested (`accounts`, `account_ids`).
-    pub account_hints: Vec<String>,
-    pub reporting_period: u32,
-    pub payment: Option<Value>,
+    /// What the client sent, validated.
+    pub request: FlowRequest,
     /// Secret part of the widget link, so flow ids alone cannot drive a widget.
     pub widget_token: String,
     pub created_at: i64,
@@ -110,7 +103,7 @@ pub(crate) struct Flow {
 impl Flow {
     /// Whose data this flow's grant reads.
     pub(crate) fn owner(&self) -> Owner {
-        match (&self.user_id, self.kind.is_onetime()) {
+        match (&self.request.user_id, self.kind.is_onetime()) {
             (Some(user), false) => Owner::User(user.as_str().into()),
             _ => Owner::Flow(self.id.as_str().into()),
         }
@@ -127,7 +120,7 @@ impl Flow {
             && self.vanishes_at.is_none_or(|at| now < at)
             && match owner {
                 Owner::Flow(flow_id) => **flow_id == *self.id,
-                Owner::User(user) => self.user_id.as_deref() == Some(&**user),
+                Owner::User(user) => self.request.user_id.as_deref() == Some(&**user),
             }
     }
 }
@@ -321,12 +314,14 @@ impl<'a> Checker<'a> {
 }
 
 /// The validated parts of an initiation body.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct FlowRequest {
     pub redirect_uri: Option<String>,
     pub state: Option<String>,
     pub user_id: Option<String>,
+    /// Name of the account holder (account verification) or of the report subject.
     pub name: Option<String>,
+    /// IBANs or account ids the client suggested (`accounts`, `account_ids`, `account`).
     pub account_hints: Vec<String>,
     pub reporting_period: u32,
     pub payment: Option<Value>,
@@ -443,13 +438,7 @@ impl Flows {
             id: format!("flow_{}", random_string(24)),
             kind,
             client_id: client_id.to_owned(),
-            redirect_uri: request.redirect_uri,
-            state: request.state,
-            user_id: request.user_id,
-            name: request.name,
-            account_hints: request.account_hints,
-            reporting_period: request.reporting_period,
-            payment: request.payment,
+            request,
             widget_token: random_string(32),
             created_at: now,
             vanishes_at: kind
@@ -521,21 +510,21 @@ impl Flows {
             grants.new_code(
                 CodeOrigin {
                     client_id: flow.client_id.clone(),
-                    redirect_uri: flow.redirect_uri.clone(),
+                    redirect_uri: flow.request.redirect_uri.clone(),
                     owner: flow.owner(),
                     vanishes_at: flow.vanishes_at,
                 },
                 now,
             )
         });
-        let Some(redirect_uri) = &flow.redirect_uri else {
+        let Some(redirect_uri) = &flow.request.redirect_uri else {
             return Ok(None);
         };
         let mut url = Url::parse(redirect_uri)
             .map_err(|_| FinxError::bad_request("the flow's redirect_uri is not a URL"))?;
         {
             let mut query = url.query_pairs_mut();
-            if let Some(state) = &flow.state {
+            if let Some(state) = &flow.request.state {
                 query.append_pair("state", state);
             }
             query.append_pair(

@@ -58,12 +58,12 @@ pub(crate) async fn page(
             )
         })
         .collect();
-    let hints = if flow.account_hints.is_empty() {
+    let hints = if flow.request.account_hints.is_empty() {
         String::new()
     } else {
         format!(
             "<p>Suggested accounts: {}</p>",
-            escape(&flow.account_hints.join(", "))
+            escape(&flow.request.account_hints.join(", "))
         )
     };
     let html = format!(

@@ -105,7 +105,7 @@ pub(crate) async fn payment_receipt(
         &json!({
             "id": flow.id,
             "status": "executed",
-            "payment": flow.payment,
+            "payment": flow.request.payment,
             "created_at": flow.created_at,
         }),
     ))

@@ -71,7 +71,7 @@ pub(crate) async fn create_grant(
             let flow = state.flows.consent(&flow_id, now)?;
             CodeOrigin {
                 client_id: flow.client_id.clone(),
-                redirect_uri: flow.redirect_uri.clone(),
+                redirect_uri: flow.request.redirect_uri.clone(),
                 owner: flow.owner(),
                 vanishes_at: flow.vanishes_at,
             }

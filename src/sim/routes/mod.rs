@@ -38,19 +38,19 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/rest/accounts/{account_id}", get(rest::account))
         .route(
             "/rest/accounts/{account_id}/transactions",
-            get(rest::account_transactions),
+            get(rest::transactions),
         )
         .route(
             "/rest/accounts/{account_id}/contracts",
-            get(rest::account_contracts),
+            get(rest::contracts),
         )
         .route(
             "/rest/accounts/{account_id}/payment-partners",
-            get(rest::account_payment_partners),
+            get(rest::payment_partners),
         )
         .route(
             "/rest/accounts/{account_id}/categories",
-            get(rest::account_categories),
+            get(rest::categories),
         )
         .route("/rest/transactions", get(rest::transactions))
         .route("/rest/securities", get(rest::securities))

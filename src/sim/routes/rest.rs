@@ -3,9 +3,11 @@
 //! `GET /rest/accounts` is the benchmarked hot path: one sharded read lock, a few atomics and a
 //! clone of a prebuilt body.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -76,12 +78,32 @@ fn ok(value: &Value) -> Response {
     json_value(StatusCode::OK, value)
 }
 
-fn require_account(family: &Family, account_id: &str) -> Result<(), FinxError> {
-    family
-        .data
-        .account(account_id)
-        .map(|_| ())
-        .ok_or_else(|| FinxError::not_found("unknown account"))
+/// The `{account_id}` of account-scoped routes (`/rest/accounts/{account_id}/…`), if any.
+pub(crate) struct AccountScope(Option<String>);
+
+impl AccountScope {
+    /// The scoped account id, checked to be one of the family's accounts.
+    fn account<'a>(&'a self, family: &Family) -> Result<Option<&'a str>, FinxError> {
+        match &self.0 {
+            Some(id) if family.data.account(id).is_none() => {
+                Err(FinxError::not_found("unknown account"))
+            }
+            scope => Ok(scope.as_deref()),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AccountScope {
+    type Rejection = FinxError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // Routes without parameters have no map; they are unscoped.
+        let params = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|Path(params)| params)
+            .unwrap_or_default();
+        Ok(AccountScope(params.get("account_id").cloned()))
+    }
 }
 
 /// `GET /rest/accounts`.
@@ -148,26 +170,15 @@ fn transactions_answer(
     Ok(ok(&body))
 }
 
-/// `GET /rest/transactions`.
+/// `GET /rest/transactions` and `GET /rest/accounts/{account_id}/transactions`.
 pub(crate) async fn transactions(
     State(state): State<Shared>,
     headers: HeaderMap,
+    scope: AccountScope,
     query: QueryPairs,
 ) -> RestResult {
     let family = authorize(&state, &headers).await?;
-    transactions_answer(&family, None, &query)
-}
-
-/// `GET /rest/accounts/{account_id}/transactions`.
-pub(crate) async fn account_transactions(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Segment(id): Segment,
-    query: QueryPairs,
-) -> RestResult {
-    let family = authorize(&state, &headers).await?;
-    require_account(&family, &id)?;
-    transactions_answer(&family, Some(&id), &query)
+    transactions_answer(&family, scope.account(&family)?, &query)
 }
 
 /// `GET /rest/securities`.
@@ -192,26 +203,15 @@ fn contracts_answer(family: &Family, account_id: Option<&str>, query: &QueryPair
     Ok(ok(&Value::Array(page(&contracts, query)?)))
 }
 
-/// `GET /rest/contracts`.
+/// `GET /rest/contracts` and `GET /rest/accounts/{account_id}/contracts`.
 pub(crate) async fn contracts(
     State(state): State<Shared>,
     headers: HeaderMap,
+    scope: AccountScope,
     query: QueryPairs,
 ) -> RestResult {
     let family = authorize(&state, &headers).await?;
-    contracts_answer(&family, None, &query)
-}
-
-/// `GET /rest/accounts/{account_id}/contracts`.
-pub(crate) async fn account_contracts(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Segment(id): Segment,
-    query: QueryPairs,
-) -> RestResult {
-    let family = authorize(&state, &headers).await?;
-    require_account(&family, &id)?;
-    contracts_answer(&family, Some(&id), &query)
+    contracts_answer(&family, scope.account(&family)?, &query)
 }
 
 /// `GET /rest/contracts/{id}`.
@@ -244,41 +244,21 @@ pub(crate) async fn delete_contract(
     }
 }
 
-/// `GET /rest/payment-partners`.
+/// `GET /rest/payment-partners` and `GET /rest/accounts/{account_id}/payment-partners`.
 pub(crate) async fn payment_partners(
     State(state): State<Shared>,
     headers: HeaderMap,
+    scope: AccountScope,
 ) -> RestResult {
     let family = authorize(&state, &headers).await?;
-    Ok(ok(&Value::Array(family.data.payment_partners(None))))
-}
-
-/// `GET /rest/accounts/{account_id}/payment-partners`.
-pub(crate) async fn account_payment_partners(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Segment(id): Segment,
-) -> RestResult {
-    let family = authorize(&state, &headers).await?;
-    require_account(&family, &id)?;
-    Ok(ok(&Value::Array(family.data.payment_partners(Some(&id)))))
+    let account = scope.account(&family)?;
+    Ok(ok(&Value::Array(family.data.payment_partners(account))))
 }
 
 /// `GET /rest/categories`.
 pub(crate) async fn categories(State(state): State<Shared>, headers: HeaderMap) -> RestResult {
     let family = authorize(&state, &headers).await?;
     Ok(ok(&Value::Array(family.data.categories(None))))
-}
-
-/// `GET /rest/accounts/{account_id}/categories`.
-pub(crate) async fn account_categories(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Segment(id): Segment,
-) -> RestResult {
-    let family = authorize(&state, &headers).await?;
-    require_account(&family, &id)?;
-    Ok(ok(&Value::Array(family.data.categories(Some(&id)))))
 }
 
 /// `GET /rest/timeline?since&until&frequency&currency&accounts`.
@@ -332,7 +312,7 @@ fn readable_flow(
 
 fn income_report_of(state: &Shared, family: &Family, flow_id: &str) -> RestResult {
     let flow = readable_flow(state, family, flow_id, &[FlowKind::OnetimeIncomeReport])?;
-    let mut report = family.data.income_summary(flow.reporting_period);
+    let mut report = family.data.income_summary(flow.request.reporting_period);
     report["id"] = json!(flow.id);
     report["accounts"] = json!(family.data.account_ids());
     Ok(ok(&report))
@@ -380,12 +360,13 @@ pub(crate) async fn account_verification(
         .map(|a| a["owner"].clone())
         .unwrap_or(Value::Null);
     let iban = flow
+        .request
         .account_hints
         .first()
         .map(|iban| json!(iban))
         .or_else(|| family.data.accounts().first().map(|a| a["iban"].clone()))
         .unwrap_or(Value::Null);
-    let name = flow.name.clone().unwrap_or_default();
+    let name = flow.request.name.clone().unwrap_or_default();
     // Deterministic and scriptable: a name containing "mismatch" never matches.
     let result = if name.to_lowercase().contains("mismatch") {
         "no_match"
@@ -422,7 +403,7 @@ pub(crate) async fn risk_report(
     };
     Ok(ok(&json!({
         "id": flow.id,
-        "reporting_period": flow.reporting_period,
+        "reporting_period": flow.request.reporting_period,
         "score": score,
         "risk_class": risk_class,
         "insights": [
