@@ -38,7 +38,9 @@ fn body_for(kind: &str, user: &str) -> Value {
         "ongoing/payment" => json!({"user_id": user, "payment": payment()}),
         _ => json!({}),
     };
-    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     body
 }
 
@@ -53,22 +55,40 @@ async fn start(harness: &Harness, kind: &str, body: &Value) -> String {
     let status = response.status();
     let answer: Value = response.json().await.unwrap();
     assert_eq!(status, 201, "{kind}: {answer}");
-    assert!(answer["location"].as_str().is_some_and(|l| l.contains("token=")), "{answer}");
+    assert!(
+        answer["location"]
+            .as_str()
+            .is_some_and(|l| l.contains("token=")),
+        "{answer}"
+    );
     answer["id"].as_str().unwrap().to_owned()
 }
 
 /// Ends the widget with `outcome`; returns where the simulator sends the browser.
 async fn widget(harness: &Harness, flow_id: &str, outcome: &str) -> Url {
-    let redirect = harness.control.complete_widget(flow_id, outcome).await.unwrap();
+    let redirect = harness
+        .control
+        .complete_widget(flow_id, outcome)
+        .await
+        .unwrap();
     let url = Url::parse(&redirect).unwrap();
-    assert_eq!(url.path(), "/callback", "finX returns to the gateway, not the app");
+    assert_eq!(
+        url.path(),
+        "/callback",
+        "finX returns to the gateway, not the app"
+    );
     url
 }
 
 /// The browser's visit to the gateway's callback; returns the app redirect (302 Location).
 async fn follow(url: &Url) -> Url {
     let response = no_redirects().get(url.as_str()).send().await.unwrap();
-    assert_eq!(response.status(), 302, "{}", response.text().await.unwrap_or_default());
+    assert_eq!(
+        response.status(),
+        302,
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
     Url::parse(response.headers()["location"].to_str().unwrap()).unwrap()
 }
 
@@ -80,18 +100,45 @@ fn param(url: &Url, name: &str) -> Option<String> {
 
 fn assert_returns_to_app(app: &Url, kind: &str, flow_id: &str, success: bool) {
     assert!(app.as_str().starts_with(APP_RETURN), "{app}");
-    assert_eq!(param(app, "code"), None, "the app redirect carries a code: {app}");
-    assert_eq!(param(app, "state").as_deref(), Some(format!("app-state-{kind}").as_str()));
+    assert_eq!(
+        param(app, "code"),
+        None,
+        "the app redirect carries a code: {app}"
+    );
+    assert_eq!(
+        param(app, "state").as_deref(),
+        Some(format!("app-state-{kind}").as_str())
+    );
     assert_eq!(param(app, "flow_id").as_deref(), Some(flow_id));
-    assert_eq!(param(app, "success").as_deref(), Some(if success { "true" } else { "false" }));
+    assert_eq!(
+        param(app, "success").as_deref(),
+        Some(if success { "true" } else { "false" })
+    );
 }
 
 /// The data call that proves the stored connection works for `kind`.
-async fn use_connection(harness: &Harness, kind: &str, user: &str, flow_id: &str) -> reqwest::Response {
+async fn use_connection(
+    harness: &Harness,
+    kind: &str,
+    user: &str,
+    flow_id: &str,
+) -> reqwest::Response {
     let (path, header, id) = match kind {
-        "onetime/income-report" => (format!("/rest/income-reports/{flow_id}"), "x-finx-flow", flow_id),
-        "onetime/account-verification" => (format!("/rest/account-verifications/{flow_id}"), "x-finx-flow", flow_id),
-        "onetime/risk-report" => (format!("/rest/risk-reports/{flow_id}"), "x-finx-flow", flow_id),
+        "onetime/income-report" => (
+            format!("/rest/income-reports/{flow_id}"),
+            "x-finx-flow",
+            flow_id,
+        ),
+        "onetime/account-verification" => (
+            format!("/rest/account-verifications/{flow_id}"),
+            "x-finx-flow",
+            flow_id,
+        ),
+        "onetime/risk-report" => (
+            format!("/rest/risk-reports/{flow_id}"),
+            "x-finx-flow",
+            flow_id,
+        ),
         "ongoing/risk-report" => (format!("/rest/risk-reports/{flow_id}"), "x-finx-user", user),
         k if k.starts_with("onetime/") => ("/rest/accounts".to_owned(), "x-finx-flow", flow_id),
         _ => ("/rest/accounts".to_owned(), "x-finx-user", user),
@@ -120,7 +167,10 @@ async fn every_flow_kind_completes_end_to_end_without_the_code_reaching_the_app(
         let user = format!("user-{}", kind.replace('/', "-"));
         let flow_id = start(&harness, kind, &body_for(kind, &user)).await;
         let callback = widget(&harness, &flow_id, "success").await;
-        assert!(param(&callback, "code").is_some(), "finX sends the code to the gateway");
+        assert!(
+            param(&callback, "code").is_some(),
+            "finX sends the code to the gateway"
+        );
         let app = follow(&callback).await;
         assert_returns_to_app(&app, kind, &flow_id, true);
         let response = use_connection(&harness, kind, &user, &flow_id).await;
@@ -133,13 +183,23 @@ async fn every_flow_kind_completes_end_to_end_without_the_code_reaching_the_app(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_sync_goes_through_state_and_callback_and_keeps_the_tokens() {
     let harness = Harness::start();
-    let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", "sync-user")).await;
+    let flow_id = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "sync-user"),
+    )
+    .await;
     follow(&widget(&harness, &flow_id, "success").await).await;
     let key = ConnectionKey::user("sync-user").unwrap();
     let before = harness.store().load(&key).await.unwrap().unwrap();
     assert_eq!(before.synced_at, None);
 
-    let accounts: Value = harness.get_as("sync-user", "/rest/accounts").await.json().await.unwrap();
+    let accounts: Value = harness
+        .get_as("sync-user", "/rest/accounts")
+        .await
+        .json()
+        .await
+        .unwrap();
     let account_ids: Vec<Value> = accounts["accounts"]
         .as_array()
         .unwrap()
@@ -159,7 +219,10 @@ async fn manual_sync_goes_through_state_and_callback_and_keeps_the_tokens() {
     let after = harness.store().load(&key).await.unwrap().unwrap();
     assert!(after.synced_at.is_some());
     assert_eq!(after.version, before.version, "the tokens were kept");
-    assert_eq!(harness.get_as("sync-user", "/rest/accounts").await.status(), 200);
+    assert_eq!(
+        harness.get_as("sync-user", "/rest/accounts").await.status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,13 +230,22 @@ async fn abort_cancel_and_error_store_nothing() {
     let harness = Harness::start();
     for (outcome, aborted) in [("abort", true), ("error", false)] {
         let user = format!("quitter-{outcome}");
-        let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", &user)).await;
+        let flow_id = start(
+            &harness,
+            "ongoing/access",
+            &body_for("ongoing/access", &user),
+        )
+        .await;
         let app = follow(&widget(&harness, &flow_id, outcome).await).await;
         assert_returns_to_app(&app, "ongoing/access", &flow_id, false);
         let flag = |name| param(&app, name).as_deref() == Some("true");
         assert_eq!(flag("abort"), aborted, "{app}");
         assert_eq!(flag("cancel"), aborted, "{app}");
-        let stored = harness.store().load(&ConnectionKey::user(&user).unwrap()).await.unwrap();
+        let stored = harness
+            .store()
+            .load(&ConnectionKey::user(&user).unwrap())
+            .await
+            .unwrap();
         assert!(stored.is_none());
     }
 }
@@ -194,14 +266,22 @@ async fn replayed_tampered_and_expired_states_are_refused() {
     let callback = widget(&harness, &flow_id, "success").await;
     let state = param(&callback, "state").unwrap();
     let middle = state.len() / 2;
-    let flipped = if &state[middle..=middle] == "A" { "B" } else { "A" };
+    let flipped = if &state[middle..=middle] == "A" {
+        "B"
+    } else {
+        "A"
+    };
     let mut tampered_state = state.clone();
     tampered_state.replace_range(middle..=middle, flipped);
     let mut tampered = callback.clone();
     let pairs: Vec<(String, String)> = callback
         .query_pairs()
         .map(|(k, v)| {
-            let value = if k == "state" { tampered_state.clone() } else { v.into_owned() };
+            let value = if k == "state" {
+                tampered_state.clone()
+            } else {
+                v.into_owned()
+            };
             (k.into_owned(), value)
         })
         .collect();
@@ -214,8 +294,18 @@ async fn replayed_tampered_and_expired_states_are_refused() {
     let response = no_redirects().get(callback.as_str()).send().await.unwrap();
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
-    assert_eq!(harness.control.stats().await.unwrap().code_grants, 1, "only the first flow exchanged");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+    assert_eq!(
+        harness.control.stats().await.unwrap().code_grants,
+        1,
+        "only the first flow exchanged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,24 +335,42 @@ async fn disallowed_redirects_are_refused_before_finx_is_asked() {
     let mut body = body_for("onetime/access", "");
     body["redirect_uri"] = json!(format!("{APP_RETURN}/deeper?keep=1"));
     start(&harness, "onetime/access", &body).await;
-    assert_eq!(harness.control.stats().await.unwrap().widget_links_created, 1);
+    assert_eq!(
+        harness.control.stats().await.unwrap().widget_links_created,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_code_or_a_failing_exchange_returns_success_false() {
     let harness = Harness::start();
     // Code expiry is finX's: its clock moves past the 5-minute code life.
-    let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", "late")).await;
+    let flow_id = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "late"),
+    )
+    .await;
     let callback = widget(&harness, &flow_id, "success").await;
     harness.control.advance_clock(301).await.unwrap();
     let app = follow(&callback).await;
     assert_eq!(param(&app, "success").as_deref(), Some("false"));
     assert_eq!(param(&app, "error").as_deref(), Some("exchange_failed"));
     assert_eq!(param(&app, "code"), None);
-    assert!(harness.store().load(&ConnectionKey::user("late").unwrap()).await.unwrap().is_none());
+    assert!(harness
+        .store()
+        .load(&ConnectionKey::user("late").unwrap())
+        .await
+        .unwrap()
+        .is_none());
 
     // finX failing at the exchange.
-    let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", "unlucky")).await;
+    let flow_id = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "unlucky"),
+    )
+    .await;
     let callback = widget(&harness, &flow_id, "success").await;
     let faults = finx_gateway::sim::Faults {
         token_error_rate: 1.0,
@@ -271,20 +379,32 @@ async fn an_expired_code_or_a_failing_exchange_returns_success_false() {
     harness.control.set_faults(&faults).await.unwrap();
     let app = follow(&callback).await;
     assert_eq!(param(&app, "error").as_deref(), Some("exchange_failed"));
-    assert!(harness.store().load(&ConnectionKey::user("unlucky").unwrap()).await.unwrap().is_none());
+    assert!(harness
+        .store()
+        .load(&ConnectionKey::user("unlucky").unwrap())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     let harness = Harness::with(SimConfig::default().with_control(), |file| {
         let template = file.callers.services[0].clone();
-        file.callers.services.push(finx_gateway::callers::ServiceFile {
-            name: "other".into(),
-            subject: "other".into(),
-            ..template
-        });
+        file.callers
+            .services
+            .push(finx_gateway::callers::ServiceFile {
+                name: "other".into(),
+                subject: "other".into(),
+                ..template
+            });
     });
-    let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", "s2s-user")).await;
+    let flow_id = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "s2s-user"),
+    )
+    .await;
     let callback = widget(&harness, &flow_id, "success").await;
     let query = callback.query().unwrap().to_owned();
 
@@ -292,7 +412,14 @@ async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     let other = harness
         .config()
         .callers
-        .mint("demo-hmac", "demo", "other", None, std::time::Duration::from_secs(300), Default::default())
+        .mint(
+            "demo-hmac",
+            "demo",
+            "other",
+            None,
+            std::time::Duration::from_secs(300),
+            Default::default(),
+        )
         .unwrap();
     let response = harness
         .http
@@ -305,8 +432,17 @@ async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     assert_eq!(response.status(), 403);
     assert_eq!(error_code(response).await, "caller_forbidden");
 
-    let flow_id2 = start(&harness, "ongoing/access", &body_for("ongoing/access", "s2s-user")).await;
-    let query = widget(&harness, &flow_id2, "success").await.query().unwrap().to_owned();
+    let flow_id2 = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "s2s-user"),
+    )
+    .await;
+    let query = widget(&harness, &flow_id2, "success")
+        .await
+        .query()
+        .unwrap()
+        .to_owned();
     let response = harness
         .request(reqwest::Method::POST, &format!("/callback?{query}"))
         .send()
@@ -318,7 +454,10 @@ async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     assert_eq!(answer["flow_id"], flow_id2.as_str());
     assert_eq!(answer["connection"], "s2s-user");
     assert!(!answer.to_string().contains("code"), "{answer}");
-    assert_eq!(harness.get_as("s2s-user", "/rest/accounts").await.status(), 200);
+    assert_eq!(
+        harness.get_as("s2s-user", "/rest/accounts").await.status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,32 +465,55 @@ async fn reconsent_replaces_a_dead_grant() {
     let harness = Harness::start();
     harness.import_user("lapsed").await;
     harness.control.revoke("lapsed").await.unwrap();
-    assert_eq!(harness.get_as("lapsed", "/rest/accounts").await.status(), 424);
+    assert_eq!(
+        harness.get_as("lapsed", "/rest/accounts").await.status(),
+        424
+    );
 
-    let flow_id = start(&harness, "ongoing/access", &body_for("ongoing/access", "lapsed")).await;
+    let flow_id = start(
+        &harness,
+        "ongoing/access",
+        &body_for("ongoing/access", "lapsed"),
+    )
+    .await;
     // Until the user completes the flow, requests still get 424.
-    assert_eq!(harness.get_as("lapsed", "/rest/accounts").await.status(), 424);
+    assert_eq!(
+        harness.get_as("lapsed", "/rest/accounts").await.status(),
+        424
+    );
     let app = follow(&widget(&harness, &flow_id, "success").await).await;
     assert_eq!(param(&app, "success").as_deref(), Some("true"));
-    assert_eq!(harness.get_as("lapsed", "/rest/accounts").await.status(), 200);
+    assert_eq!(
+        harness.get_as("lapsed", "/rest/accounts").await.status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_are_checked_against_the_callers_policy() {
     let harness = Harness::with(SimConfig::default().with_control(), |file| {
         let template = file.callers.services[0].clone();
-        file.callers.services.push(finx_gateway::callers::ServiceFile {
-            name: "reader".into(),
-            subject: "reader".into(),
-            flows: vec!["onetime/access".into()],
-            connections: vec!["reader-*".into()],
-            ..template
-        });
+        file.callers
+            .services
+            .push(finx_gateway::callers::ServiceFile {
+                name: "reader".into(),
+                subject: "reader".into(),
+                flows: vec!["onetime/access".into()],
+                connections: vec!["reader-*".into()],
+                ..template
+            });
     });
     let reader = harness
         .config()
         .callers
-        .mint("demo-hmac", "demo", "reader", None, std::time::Duration::from_secs(300), Default::default())
+        .mint(
+            "demo-hmac",
+            "demo",
+            "reader",
+            None,
+            std::time::Duration::from_secs(300),
+            Default::default(),
+        )
         .unwrap();
     let post = |path: &str, body: Value| {
         harness
@@ -361,19 +523,36 @@ async fn flows_are_checked_against_the_callers_policy() {
             .json(&body)
             .send()
     };
-    let response = post("/onetime/income-report", body_for("onetime/income-report", "")).await.unwrap();
+    let response = post(
+        "/onetime/income-report",
+        body_for("onetime/income-report", ""),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), 403, "flow not allowed");
-    let response = post("/ongoing/access", body_for("ongoing/access", "someone")).await.unwrap();
+    let response = post("/ongoing/access", body_for("ongoing/access", "someone"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 403, "flow and user not allowed");
-    let response = post("/onetime/access", body_for("onetime/access", "")).await.unwrap();
+    let response = post("/onetime/access", body_for("onetime/access", ""))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
-    assert_eq!(harness.control.stats().await.unwrap().widget_links_created, 1);
+    assert_eq!(
+        harness.control.stats().await.unwrap().widget_links_created,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_flow_requests_get_clear_errors() {
     let harness = Harness::start();
-    for body in ["not json", "[1,2]", r#"{"state":"x"}"#, r#"{"redirect_uri":5}"#] {
+    for body in [
+        "not json",
+        "[1,2]",
+        r#"{"state":"x"}"#,
+        r#"{"redirect_uri":5}"#,
+    ] {
         let response = harness
             .request(reqwest::Method::POST, "/onetime/access")
             .body(body)

@@ -125,7 +125,11 @@ async fn no_secret_reaches_a_log_line() {
         .await
         .unwrap();
     let flow_id = started["id"].as_str().expect("flow started");
-    let callback = harness.control.complete_widget(flow_id, "success").await.unwrap();
+    let callback = harness
+        .control
+        .complete_widget(flow_id, "success")
+        .await
+        .unwrap();
     let callback = url::Url::parse(&callback).unwrap();
     let code = callback
         .query_pairs()
@@ -143,7 +147,15 @@ async fn no_secret_reaches_a_log_line() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    assert_eq!(browser.get(callback.as_str()).send().await.unwrap().status(), 302);
+    assert_eq!(
+        browser
+            .get(callback.as_str())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        302
+    );
 
     // Every token the store holds now (the rotated ones) is a secret too.
     for user in [

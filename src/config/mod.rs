@@ -82,12 +82,18 @@ impl RedirectRule {
     pub fn parse(text: &str) -> Result<Self, String> {
         let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("{text:?}: only http and https redirects are allowed"));
+            return Err(format!(
+                "{text:?}: only http and https redirects are allowed"
+            ));
         }
         if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-            return Err(format!("{text:?}: no query, fragment or user info in an allowed redirect"));
+            return Err(format!(
+                "{text:?}: no query, fragment or user info in an allowed redirect"
+            ));
         }
-        let host = url.host_str().ok_or_else(|| format!("{text:?} has no host"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("{text:?} has no host"))?;
         Ok(Self {
             scheme: url.scheme().to_owned(),
             host: host.to_owned(),
@@ -105,7 +111,9 @@ impl RedirectRule {
             && candidate.port_or_known_default() == self.port
             && candidate.username().is_empty()
             && candidate.password().is_none()
-            && (path == prefix || path.starts_with(&format!("{prefix}/")) || path == self.path_prefix)
+            && (path == prefix
+                || path.starts_with(&format!("{prefix}/"))
+                || path == self.path_prefix)
     }
 }
 
@@ -414,7 +422,12 @@ fn validate_connect(
                 .ok()
         })
         .collect();
-    let state_key = required_secret("connect.state_key", file.state_key.as_ref(), base_dir, errors);
+    let state_key = required_secret(
+        "connect.state_key",
+        file.state_key.as_ref(),
+        base_dir,
+        errors,
+    );
     if let Some(key) = &state_key {
         use secrecy::ExposeSecret;
         if key.expose_secret().len() < 32 {

@@ -124,10 +124,19 @@ impl ConnectService {
         let redirect_uri = match request.get("redirect_uri") {
             Some(Value::String(uri)) => uri.clone(),
             Some(_) => return Err(bad("redirect_uri must be a string")),
-            None => return Err(bad("redirect_uri is required (the gateway returns the user there)")),
+            None => {
+                return Err(bad(
+                    "redirect_uri is required (the gateway returns the user there)",
+                ))
+            }
         };
         let parsed = Url::parse(&redirect_uri).map_err(|_| bad("redirect_uri is not a URL"))?;
-        if !self.settings.allowed_redirects.iter().any(|rule| rule.allows(&parsed)) {
+        if !self
+            .settings
+            .allowed_redirects
+            .iter()
+            .any(|rule| rule.allows(&parsed))
+        {
             return Err(bad("redirect_uri is not allowed by this gateway"));
         }
         let original_state = match request.get("state") {
@@ -137,7 +146,9 @@ impl ConnectService {
         };
         let user = match (kind.is_ongoing(), request.get("user_id")) {
             (true, Some(Value::String(user))) => {
-                ConnectionKey::user(user).map_err(|_| bad("user_id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -"))?;
+                ConnectionKey::user(user).map_err(|_| {
+                    bad("user_id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -")
+                })?;
                 caller.authorize_user(user)?;
                 Some(user.clone())
             }
@@ -156,7 +167,10 @@ impl ConnectService {
             exp: now + self.settings.state_ttl.as_secs() as i64,
             jti: Alphanumeric.sample_string(&mut rand::rng(), 24),
         };
-        let signed = self.signer.sign(&state).map_err(|_| GatewayError::Internal)?;
+        let signed = self
+            .signer
+            .sign(&state)
+            .map_err(|_| GatewayError::Internal)?;
         request.insert(
             "redirect_uri".into(),
             Value::String(self.settings.callback_url.to_string()),
@@ -168,7 +182,12 @@ impl ConnectService {
             .post_json(&format!("/{}", kind.name()), &Value::Object(request))
             .await
             .map_err(upstream_error)?;
-        tracing::info!(flow = kind.name(), service = caller.service(), status, "connect flow started");
+        tracing::info!(
+            flow = kind.name(),
+            service = caller.service(),
+            status,
+            "connect flow started"
+        );
         Ok(UpstreamAnswer {
             status,
             content_type,
@@ -178,7 +197,11 @@ impl ConnectService {
 
     /// Completes a flow from the callback's query string. `caller` is the authenticated caller
     /// of a server-to-server callback; it must be the service that started the flow.
-    pub async fn complete(&self, query: &str, caller: Option<&Caller>) -> Result<Completion, GatewayError> {
+    pub async fn complete(
+        &self,
+        query: &str,
+        caller: Option<&Caller>,
+    ) -> Result<Completion, GatewayError> {
         let mut state_token = None;
         let mut success = false;
         let mut code: Option<SecretString> = None;
@@ -200,12 +223,19 @@ impl ConnectService {
         let state = self.signer.verify(&state_token, self.clock.now())?;
         if let Some(caller) = caller {
             if caller.service() != state.svc {
-                return Err(GatewayError::CallerForbidden("the flow was started by another caller"));
+                return Err(GatewayError::CallerForbidden(
+                    "the flow was started by another caller",
+                ));
             }
         }
-        let kind = FlowKind::from_path(&format!("/{}", state.kind)).ok_or(GatewayError::Internal)?;
+        let kind =
+            FlowKind::from_path(&format!("/{}", state.kind)).ok_or(GatewayError::Internal)?;
         // Single use: the first callback with this state wins, even if it then fails.
-        let first_use = self.used_states.entry(state.jti.clone()).or_insert(()).is_fresh();
+        let first_use = self
+            .used_states
+            .entry(state.jti.clone())
+            .or_insert(())
+            .is_fresh();
         if !first_use {
             return Err(bad("the flow state was already used"));
         }
@@ -298,7 +328,9 @@ impl ConnectService {
         };
         let connection = NewConnection {
             // A grant without a refresh token lives as long as its access token.
-            refresh_token: grant.refresh_token.unwrap_or_else(|| SecretString::from(String::new())),
+            refresh_token: grant
+                .refresh_token
+                .unwrap_or_else(|| SecretString::from(String::new())),
             access: Some(grant.access),
             scope: grant.scope,
         };
@@ -347,6 +379,8 @@ fn upstream_error(failure: TokenFailure) -> GatewayError {
         TokenFailure::Unavailable {
             retry_after_secs, ..
         } => GatewayError::UpstreamUnavailable { retry_after_secs },
-        TokenFailure::InvalidGrant | TokenFailure::Rejected(_) => GatewayError::GatewayMisconfigured,
+        TokenFailure::InvalidGrant | TokenFailure::Rejected(_) => {
+            GatewayError::GatewayMisconfigured
+        }
     }
 }

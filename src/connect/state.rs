@@ -108,7 +108,11 @@ mod tests {
         let b = signer("fedcba9876543210fedcba9876543210");
         assert_eq!(b.verify(&token, 150), Err(StateError::Invalid));
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-        let flipped = if parts[1].as_bytes()[5] == b'A' { "B" } else { "A" };
+        let flipped = if parts[1].as_bytes()[5] == b'A' {
+            "B"
+        } else {
+            "A"
+        };
         parts[1].replace_range(5..6, flipped);
         assert_eq!(a.verify(&parts.join("."), 150), Err(StateError::Invalid));
         assert_eq!(a.verify("garbage", 150), Err(StateError::Invalid));

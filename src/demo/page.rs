@@ -39,7 +39,11 @@ pub async fn serve(session: &mut Session, parts: &ProxyParts) -> Result<bool, Ga
                 "state": "demo-page",
             });
             let answer = connect
-                .start_flow(FlowKind::OngoingAccess, &caller, body.to_string().as_bytes())
+                .start_flow(
+                    FlowKind::OngoingAccess,
+                    &caller,
+                    body.to_string().as_bytes(),
+                )
                 .await?;
             let created: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
             match created["location"].as_str() {
@@ -107,7 +111,10 @@ async fn accounts_page(origin: &str, parts: &ProxyParts) -> String {
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = response.status();
-        let body: Value = response.json().await.map_err(|e| format!("bad answer: {e}"))?;
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("bad answer: {e}"))?;
         if !status.is_success() {
             return Err(format!("the gateway answered {status}"));
         }
@@ -116,7 +123,11 @@ async fn accounts_page(origin: &str, parts: &ProxyParts) -> String {
     .await;
     let accounts = match fetched {
         Ok(body) => body["accounts"].as_array().cloned().unwrap_or_default(),
-        Err(problem) => return message_page(&format!("Connected, but fetching accounts failed: {problem}")),
+        Err(problem) => {
+            return message_page(&format!(
+                "Connected, but fetching accounts failed: {problem}"
+            ))
+        }
     };
     let rows: String = accounts
         .iter()

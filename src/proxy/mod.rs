@@ -68,13 +68,20 @@ impl FinxProxy {
     ///
     /// Order matters: the caller is authenticated and authorised before any token work or
     /// finX call, so an unauthorised caller cannot even learn whether a connection exists.
-    async fn admit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, GatewayError> {
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, GatewayError> {
         let parts = &self.parts;
         let request = session.req_header();
         // Judge the bytes pingora will send to finX, not the parsed URI: an unparsable target
         // (`\auth\token`) is forwarded verbatim.
         let path = routes::request_path(request.raw_path())?;
-        let callback_path = parts.connect.as_ref().map_or("/callback", |c| c.callback_path());
+        let callback_path = parts
+            .connect
+            .as_ref()
+            .map_or("/callback", |c| c.callback_path());
         let route = routes::classify(path, callback_path)?;
         ctx.route = Some(route);
         match route {
@@ -94,7 +101,9 @@ impl FinxProxy {
             _ => {}
         }
 
-        let caller = parts.callers.authenticate(&request.headers, SystemClock.now())?;
+        let caller = parts
+            .callers
+            .authenticate(&request.headers, SystemClock.now())?;
         ctx.caller = Some(caller.clone());
         caller.check_rate()?;
         match route {
@@ -127,22 +136,36 @@ impl FinxProxy {
         self.parts
             .connect
             .as_deref()
-            .ok_or(GatewayError::RouteForbidden("connect flows are not configured on this gateway"))
+            .ok_or(GatewayError::RouteForbidden(
+                "connect flows are not configured on this gateway",
+            ))
     }
 
     /// `POST /onetime/*`, `/ongoing/*`: checked, rewritten and forwarded by the connect service;
     /// finX's answer goes back unchanged.
-    async fn start_flow(&self, session: &mut Session, kind: FlowKind, caller: &Caller) -> Result<(), GatewayError> {
+    async fn start_flow(
+        &self,
+        session: &mut Session,
+        kind: FlowKind,
+        caller: &Caller,
+    ) -> Result<(), GatewayError> {
         let connect = self.connect()?;
         if session.req_header().method != Method::POST {
-            return Err(GatewayError::BadRequest("connect flows are started with POST".into()));
+            return Err(GatewayError::BadRequest(
+                "connect flows are started with POST".into(),
+            ));
         }
         caller.authorize_flow(kind.name())?;
         let body = read_body(session, MAX_FLOW_BODY).await?;
         let answer = connect.start_flow(kind, caller, &body).await?;
-        respond::send_upstream_answer(session, answer.status, answer.content_type.as_deref(), answer.body)
-            .await
-            .map_err(|_| GatewayError::Internal)
+        respond::send_upstream_answer(
+            session,
+            answer.status,
+            answer.content_type.as_deref(),
+            answer.body,
+        )
+        .await
+        .map_err(|_| GatewayError::Internal)
     }
 
     /// `GET /callback` from the user's browser: completes the flow, then redirects to the
@@ -158,7 +181,11 @@ impl FinxProxy {
 
     /// `POST /callback` from a service whose app received the browser itself: the query string
     /// comes in the URL or as a form body; the answer is JSON.
-    async fn service_callback(&self, session: &mut Session, caller: &Caller) -> Result<(), GatewayError> {
+    async fn service_callback(
+        &self,
+        session: &mut Session,
+        caller: &Caller,
+    ) -> Result<(), GatewayError> {
         let connect = self.connect()?;
         let mut query = query_of(session.req_header().raw_path())?.to_owned();
         if query.is_empty() {

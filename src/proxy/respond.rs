@@ -34,7 +34,11 @@ pub async fn send_json(
 }
 
 /// Sends a JSON value.
-pub async fn send_json_value(session: &mut Session, status: StatusCode, body: &serde_json::Value) -> Result<()> {
+pub async fn send_json_value(
+    session: &mut Session,
+    status: StatusCode,
+    body: &serde_json::Value,
+) -> Result<()> {
     let header = ResponseHeader::build(status, Some(3))?;
     send(session, header, Bytes::from(body.to_string())).await
 }
@@ -60,7 +64,9 @@ pub async fn send_upstream_answer(
         header.insert_header(CONTENT_TYPE, content_type)?;
     }
     header.insert_header(CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await
 }
 
@@ -69,8 +75,12 @@ pub async fn send_html(session: &mut Session, status: StatusCode, body: String) 
     let mut header = ResponseHeader::build(status, Some(3))?;
     header.insert_header(CONTENT_TYPE, "text/html; charset=utf-8")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(header), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }
 
 async fn send(session: &mut Session, mut header: ResponseHeader, body: Bytes) -> Result<()> {

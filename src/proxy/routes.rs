@@ -193,18 +193,35 @@ mod tests {
         );
         assert_eq!(classify_default("/category-tree"), Ok(Route::ClientData));
         assert_eq!(classify_default("/rpc/categorize"), Ok(Route::ClientData));
-        assert_eq!(classify_default("/payment-receipts/42"), Ok(Route::ClientData));
+        assert_eq!(
+            classify_default("/payment-receipts/42"),
+            Ok(Route::ClientData)
+        );
         assert_eq!(classify_default("/healthz"), Ok(Route::Health));
         assert_eq!(
             classify_default("/payment-receipts/"),
             Err(GatewayError::RouteNotFound)
         );
-        assert_eq!(classify_default("/restful"), Err(GatewayError::RouteNotFound));
+        assert_eq!(
+            classify_default("/restful"),
+            Err(GatewayError::RouteNotFound)
+        );
         assert_eq!(classify_default("/"), Err(GatewayError::RouteNotFound));
-        assert!(matches!(
+        assert_eq!(
             classify_default("/ongoing/access"),
-            Err(GatewayError::RouteForbidden(_))
-        ));
+            Ok(Route::Flow(FlowKind::OngoingAccess))
+        );
+        assert_eq!(
+            classify_default("/onetime/income-report"),
+            Ok(Route::Flow(FlowKind::OnetimeIncomeReport))
+        );
+        assert_eq!(
+            classify_default("/onetime/nothing"),
+            Err(GatewayError::RouteNotFound)
+        );
+        assert_eq!(classify_default("/callback"), Ok(Route::Callback));
+        assert_eq!(classify("/gw/cb", "/gw/cb"), Ok(Route::Callback));
+        assert_eq!(classify_default("/demo/done"), Ok(Route::Demo));
     }
 
     #[test]

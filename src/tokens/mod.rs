@@ -236,7 +236,8 @@ impl Inner {
             .await
             .map_err(|e| store_failure(key, "load", e))?
             .ok_or(TokenError::NotFound)?;
-        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= self.clock.now() {
+        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= self.clock.now()
+        {
             // finX has deleted a one-time flow's data by now; so does the gateway.
             if let Err(e) = self.store.delete(key).await {
                 return Err(store_failure(key, "delete expired one-time connection", e));
