@@ -49,18 +49,14 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     let secret_path = dir.path().join("client-secret");
     let caller_key_path = dir.path().join("caller.key");
     let state_key_path = dir.path().join("state.key");
-    std::fs::write(
-        &key_path,
-        EncryptionKey::generate().to_base64().expose_secret(),
-    )
-    .and_then(|()| std::fs::write(&secret_path, SimConfig::default().client_secret))
-    .and_then(|()| {
-        std::fs::write(
-            &caller_key_path,
-            EncryptionKey::generate().to_base64().expose_secret(),
-        )
-    })
-    .map_err(|e| format!("cannot write demo secrets: {e}"))?;
+    let write_key = |path: &std::path::Path| {
+        std::fs::write(path, EncryptionKey::generate().to_base64().expose_secret())
+    };
+    write_key(&key_path)
+        .and_then(|()| write_key(&caller_key_path))
+        .and_then(|()| write_key(&state_key_path))
+        .and_then(|()| std::fs::write(&secret_path, SimConfig::default().client_secret))
+        .map_err(|e| format!("cannot write demo secrets: {e}"))?;
 
     let mut file: ConfigFile = toml::from_str(DEMO_TOML).map_err(|e| e.to_string())?;
     file.listener.address = Some(listen.to_string());

@@ -1,0 +1,135 @@
+//! The demo page in a real browser: headless Chromium (Debian's `chromium`, driven through
+//! `chromedriver`) clicks "Connect bank", completes the simulator's widget, comes back through
+//! the gateway's callback and sees the accounts fetched through the gateway.
+//!
+//! `.ci/run` installs `chromium` and `chromium-driver`; without them this test fails, loudly.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{ClientBuilder, Locator};
+
+/// chromedriver on a free loopback port; killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let binary = which("chromedriver").unwrap_or_else(|| {
+            panic!("chromedriver is not installed: `apt-get install chromium chromium-driver` (bash .ci/run does it)")
+        });
+        assert!(
+            which("chromium").is_some(),
+            "chromium is not installed: `apt-get install chromium` (bash .ci/run does it)"
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        finx_gateway::wait_until_accepting(([127, 0, 0, 1], port).into(), Duration::from_secs(20))
+            .expect("chromedriver listens");
+        Self { child, port }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_connects_a_bank_on_the_demo_page_and_sees_their_accounts() {
+    let listen = finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).unwrap();
+    // `demo::start` runs its own runtime for seeding, so it cannot run on this one.
+    let demo = tokio::task::spawn_blocking(move || finx_gateway::demo::start(listen))
+        .await
+        .unwrap()
+        .expect("demo starts");
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": which("chromium").unwrap(),
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-quic",
+                format!("--user-data-dir={}", profile.path().display()),
+            ],
+        }),
+    );
+    let browser = ClientBuilder::rustls()
+        .expect("TLS setup")
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("browser session");
+
+    let result = async {
+        browser
+            .goto(&format!("{}/demo", demo.gateway.base_url()))
+            .await?;
+        browser
+            .find(Locator::Id("connect-bank"))
+            .await?
+            .click()
+            .await?;
+        // The simulator's widget: the bank stand-in.
+        browser
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Id("connect"))
+            .await?
+            .click()
+            .await?;
+        let table = browser
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Id("accounts"))
+            .await?;
+        let text = table.text().await?;
+        let url = browser.current_url().await?;
+        Ok::<_, fantoccini::error::CmdError>((text, url))
+    }
+    .await;
+    let screenshot = browser.screenshot().await.ok();
+    browser.close().await.ok();
+    if let Some(png) = screenshot {
+        let _ = std::fs::create_dir_all("target/browser");
+        let _ = std::fs::write("target/browser/demo-done.png", png);
+    }
+    let (text, url) = result.expect("the demo flow completes in the browser");
+
+    assert!(url.path() == "/demo/done", "{url}");
+    assert!(
+        url.query_pairs().all(|(name, _)| name != "code"),
+        "the code reached the page: {url}"
+    );
+    assert!(
+        text.contains("IBAN") && text.contains("DE"),
+        "accounts shown: {text}"
+    );
+    let stats = demo.sim.control().stats().await.unwrap();
+    assert_eq!(stats.code_grants, 1);
+}
