@@ -408,3 +408,27 @@ async fn expiry_by_clock_refreshes_before_use() {
     );
     let _ = Arc::new(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finx_answers_pass_through_unchanged() {
+    let harness = Harness::start();
+    let (access_token, _) = harness.seed_user("lena").await;
+    for path in ["/rest/accounts", "/rest/transactions?count=500", "/rest/contracts", "/rest/nope"] {
+        let direct = harness
+            .http
+            .get(format!("{}{path}", harness.sim.base_url()))
+            .bearer_auth(&access_token)
+            .send()
+            .await
+            .unwrap();
+        let via_gateway = harness.get_as("lena", path).await;
+        assert_eq!(via_gateway.status(), direct.status(), "{path}");
+        assert_eq!(
+            via_gateway.headers().get("content-type"),
+            direct.headers().get("content-type"),
+            "{path}"
+        );
+        let (direct, via_gateway) = (direct.bytes().await.unwrap(), via_gateway.bytes().await.unwrap());
+        assert_eq!(via_gateway, direct, "{path}");
+    }
+}
