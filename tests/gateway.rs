@@ -413,7 +413,12 @@ async fn expiry_by_clock_refreshes_before_use() {
 async fn finx_answers_pass_through_unchanged() {
     let harness = Harness::start();
     let (access_token, _) = harness.seed_user("lena").await;
-    for path in ["/rest/accounts", "/rest/transactions?count=500", "/rest/contracts", "/rest/nope"] {
+    for path in [
+        "/rest/accounts",
+        "/rest/transactions?count=500",
+        "/rest/contracts",
+        "/rest/nope",
+    ] {
         let direct = harness
             .http
             .get(format!("{}{path}", harness.sim.base_url()))
@@ -428,7 +433,10 @@ async fn finx_answers_pass_through_unchanged() {
             direct.headers().get("content-type"),
             "{path}"
         );
-        let (direct, via_gateway) = (direct.bytes().await.unwrap(), via_gateway.bytes().await.unwrap());
+        let (direct, via_gateway) = (
+            direct.bytes().await.unwrap(),
+            via_gateway.bytes().await.unwrap(),
+        );
         assert_eq!(via_gateway, direct, "{path}");
     }
 }

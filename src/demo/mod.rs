@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::callers::CallerAuth;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigFile, SecretRef};
 use crate::sim::{SimConfig, SimHandle};
@@ -103,7 +105,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
             .map_err(|e| e.to_string())
     })?;
 
-    let caller_token = mint_demo_token(&config)?;
+    let caller_token = mint_demo_token(&config.callers, Duration::from_secs(24 * 3600))?;
     let gateway =
         RunningGateway::start(config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
     Ok(Demo {
@@ -114,16 +116,15 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     })
 }
 
-/// A day-long caller token for the demo service of `config/demo.toml`.
-pub fn mint_demo_token(config: &Config) -> Result<String, String> {
-    config
-        .callers
+/// A caller token for the demo service of `config/demo.toml`, valid for `ttl`.
+pub fn mint_demo_token(callers: &CallerAuth, ttl: Duration) -> Result<String, String> {
+    callers
         .mint(
             "demo-hmac",
             "demo",
             "demo-service",
             None,
-            std::time::Duration::from_secs(24 * 3600),
+            ttl,
             serde_json::Map::new(),
         )
         .map_err(|e| format!("cannot mint the demo caller token: {e}"))

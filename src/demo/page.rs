@@ -76,16 +76,7 @@ enum Page {
 }
 
 fn demo_token(parts: &ProxyParts) -> Result<String, GatewayError> {
-    parts
-        .callers
-        .mint(
-            "demo-hmac",
-            "demo",
-            "demo-service",
-            None,
-            Duration::from_secs(300),
-            serde_json::Map::new(),
-        )
+    super::mint_demo_token(&parts.callers, Duration::from_secs(300))
         .map_err(|_| GatewayError::Internal)
 }
 

@@ -18,6 +18,8 @@ use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenStore}
 use finx_gateway::RunningGateway;
 use secrecy::{ExposeSecret, SecretString};
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// The app's return address every test flow uses (allowed by the harness's gateway).
 pub const APP_RETURN: &str = "https://app.example/finx/return";
 
@@ -75,8 +77,8 @@ impl Harness {
             caller_token: String::new(),
             listen: finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("free port"),
         };
-        harness.caller_token =
-            finx_gateway::demo::mint_demo_token(&harness.config()).expect("caller token");
+        harness.caller_token = finx_gateway::demo::mint_demo_token(&harness.config().callers, DAY)
+            .expect("caller token");
         harness.start_gateway();
         harness
     }
@@ -165,43 +167,33 @@ impl Harness {
     /// Consents `user` at the simulator and stores only its refresh token, as an import does:
     /// the first request must refresh. Returns the refresh token.
     pub async fn import_user(&self, user: &str) -> String {
-        let grant = self.control.create_grant(user).await.expect("sim grant");
-        let connection = NewConnection {
-            refresh_token: SecretString::from(grant.refresh_token.clone()),
-            access: None,
-            scope: None,
-        };
-        self.store()
-            .put_connection(
-                &ConnectionKey::user(user).unwrap(),
-                &connection,
-                self.clock.now(),
-            )
-            .await
-            .expect("store put");
-        grant.refresh_token
+        self.consent(user, false).await.refresh_token
     }
 
-    /// Consents `user` and stores both tokens: the first request needs no refresh.
+    /// Consents `user` and stores both tokens: the first request needs no refresh. Returns
+    /// (access token, refresh token).
     pub async fn seed_user(&self, user: &str) -> (String, String) {
+        let grant = self.consent(user, true).await;
+        (grant.access_token, grant.refresh_token)
+    }
+
+    async fn consent(&self, user: &str, keep_access: bool) -> finx_gateway::sim::GrantTokens {
         let grant = self.control.create_grant(user).await.expect("sim grant");
+        let access = keep_access.then(|| AccessToken {
+            token: SecretString::from(grant.access_token.clone()),
+            expires_at: self.clock.now() + grant.expires_in as i64,
+        });
         let connection = NewConnection {
             refresh_token: SecretString::from(grant.refresh_token.clone()),
-            access: Some(AccessToken {
-                token: SecretString::from(grant.access_token.clone()),
-                expires_at: self.clock.now() + grant.expires_in as i64,
-            }),
+            access,
             scope: None,
         };
+        let key = ConnectionKey::user(user).expect("valid user id");
         self.store()
-            .put_connection(
-                &ConnectionKey::user(user).unwrap(),
-                &connection,
-                self.clock.now(),
-            )
+            .put_connection(&key, &connection, self.clock.now())
             .await
             .expect("store put");
-        (grant.access_token, grant.refresh_token)
+        grant
     }
 
     /// A request through the gateway carrying the caller token.
