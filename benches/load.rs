@@ -1,0 +1,826 @@
+//! Load harness (issue 4, part 2): the gateway against a plain pingora passthrough, nginx and
+//! the simulator itself ("direct", the ceiling), under the same HTTP/1.1 keep-alive load.
+//!
+//! One run starts the finX simulator (upstream), the gateway (warm cache), the passthrough
+//! (`load/passthrough.rs`) and, when installed, nginx (`load/nginx.rs`), then measures:
+//!
+//! * (a) one user, cache hit, and (b) 10,000 users chosen uniformly at random, at concurrency
+//!   1, 16 and 64, each target for a fixed time per round, targets rotated every round so that
+//!   drift cancels; medians of the rounds with their spread;
+//! * (c) resident memory per cached connection, warming 100,000 users through a fresh gateway;
+//! * (d) a refresh storm: 1,000 users × 10 concurrent requests whose access tokens all expire
+//!   at once, with 50 ms added to the simulator's token endpoint, while other users keep
+//!   sending paced requests.
+//!
+//! Output: Markdown on stdout and `$CARGO_TARGET_DIR/bench/load.json` (default
+//! `target/bench/load.json`). `cargo bench --bench load -- --quick` is a smoke run of well
+//! under a minute (one round of one second, fewer users). Nothing is asserted: targets are
+//! reported, not enforced.
+
+#[path = "load/affinity.rs"]
+mod affinity;
+#[path = "load/gateway_config.rs"]
+mod gateway_config;
+#[path = "load/generator.rs"]
+mod generator;
+#[path = "load/nginx.rs"]
+mod nginx;
+#[path = "load/passthrough.rs"]
+mod passthrough;
+#[path = "load/report.rs"]
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use finx_gateway::clock::{Clock, ManualClock};
+use finx_gateway::config::Config;
+use finx_gateway::sim::{Faults, SimConfig, SimControl};
+use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenStore};
+use finx_gateway::RunningGateway;
+use futures::{StreamExt, TryStreamExt};
+use secrecy::SecretString;
+use serde::Serialize;
+use serde_json::json;
+
+use affinity::{pin_current_thread, resident_kib, started_on, CoreLayout};
+use gateway_config::GatewayFiles;
+use generator::{Authorization, Generator, KeptConnection, Samples, Workload};
+use report::Cell;
+
+/// How much to measure: the full run or the `--quick` smoke run.
+struct Plan {
+    rounds: usize,
+    seconds_per_run: u64,
+    concurrencies: [usize; 3],
+    many_users: usize,
+    rss_users: usize,
+    storm_users: usize,
+    storm_fanout: usize,
+    calm_users: usize,
+    calm_seconds: u64,
+}
+
+impl Plan {
+    fn full() -> Self {
+        Self {
+            rounds: 3,
+            seconds_per_run: 3,
+            concurrencies: [1, 16, 64],
+            many_users: 10_000,
+            rss_users: 100_000,
+            storm_users: 1_000,
+            storm_fanout: 10,
+            calm_users: 200,
+            calm_seconds: 2,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            rounds: 1,
+            seconds_per_run: 1,
+            concurrencies: [1, 16, 64],
+            many_users: 2_000,
+            rss_users: 5_000,
+            storm_users: 100,
+            storm_fanout: 10,
+            calm_users: 50,
+            calm_seconds: 1,
+        }
+    }
+}
+
+/// Added latency of the simulator's token endpoint during the storm.
+const STORM_TOKEN_LATENCY_MS: u64 = 50;
+/// Connections (and parallel seeding calls) used to warm caches and seed users.
+const WARM_CONNECTIONS: usize = 64;
+
+type BenchResult<T> = Result<T, String>;
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    if let Err(error) = run(if quick { Plan::quick() } else { Plan::full() }, quick) {
+        eprintln!("load bench failed: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// One proxy (or the simulator itself) and the requests it is sent.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    workload: Arc<Workload>,
+    script: PathBuf,
+}
+
+fn run(plan: Plan, quick: bool) -> BenchResult<()> {
+    let open_files = affinity::raise_open_file_limit(131_072);
+    let machine = machine_description();
+    let layout = CoreLayout::detect();
+    let generator = Generator::detect();
+    let nginx_binary = nginx::find_nginx();
+
+    // Servers are started on the server core; their threads inherit it.
+    pin_current_thread(layout.servers);
+    let sim_config = SimConfig::default().with_control();
+    let sim = finx_gateway::sim::spawn(sim_config.clone()).map_err(|e| e.to_string())?;
+    let files = GatewayFiles::new().map_err(|e| e.to_string())?;
+    let config = files.config(&sim.base_url(), &sim_config, None)?;
+    let clock = ManualClock::default();
+    let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
+    let gateway = RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
+        .map_err(|e| e.to_string())?;
+    let passthrough = passthrough::Passthrough::start(&config)?;
+    // Everything else (the load generator, wrk, the orchestration) runs on the load core.
+    pin_current_thread(layout.load);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let control = sim.control();
+    let caller_bearer = format!(
+        "Bearer {}",
+        finx_gateway::demo::mint_demo_token(&config).map_err(|e| e.to_string())?
+    );
+    let scripts = tempfile::Builder::new()
+        .prefix("finx-bench-scripts-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+
+    println!(
+        "# finx-gateway load bench{}\n",
+        if quick { " (--quick smoke run)" } else { "" }
+    );
+    println!("- machine: {machine}");
+    println!("- placement: {}", layout.describe());
+    println!("- load generator: {}", generator.describe());
+    println!(
+        "- proxies: pingora threads = {} (gateway and passthrough), upstream keep-alive pool {}; nginx {}",
+        config.server.threads,
+        config.upstream.pool_size,
+        match &nginx_binary {
+            Some(path) => format!("{} with worker_processes {}", path.display(), config.server.threads),
+            None => "not installed: skipped".into(),
+        }
+    );
+    println!(
+        "- runs: {} round(s) × {} s per target and concurrency, targets rotated each round; open-file limit {open_files}\n",
+        plan.rounds, plan.seconds_per_run
+    );
+
+    let mut cells: Vec<Cell> = Vec::new();
+    for (scenario, prefix, user_count) in [
+        ("a: 1 user", "one", 1),
+        ("b: many users", "many", plan.many_users),
+    ] {
+        let users: Arc<Vec<String>> = Arc::new(
+            (0..user_count)
+                .map(|i| format!("{prefix}-{i:06}"))
+                .collect(),
+        );
+        let seeding = Instant::now();
+        let access_tokens = runtime.block_on(seed_users(&control, &store, &clock, &users))?;
+        let bearers: Arc<Vec<String>> = Arc::new(
+            access_tokens
+                .iter()
+                .map(|t| format!("Bearer {t}"))
+                .collect(),
+        );
+        let per_user = Arc::new(Workload {
+            users: users.clone(),
+            authorization: Authorization::PerUser(bearers.clone()),
+        });
+        let as_caller = Arc::new(Workload {
+            users: users.clone(),
+            authorization: Authorization::Caller(caller_bearer.clone()),
+        });
+        let warm = runtime.block_on(generator::each_user_once(
+            gateway.addr(),
+            as_caller.clone(),
+            WARM_CONNECTIONS,
+        ));
+        check_all_ok(&warm, "warming the gateway cache")?;
+        eprintln!(
+            "{scenario}: {user_count} user(s) seeded and cached in {:.1} s",
+            seeding.elapsed().as_secs_f64()
+        );
+        let nginx = match &nginx_binary {
+            Some(binary) => {
+                let pairs: Vec<(String, String)> =
+                    users.iter().cloned().zip(bearers.iter().cloned()).collect();
+                Some(started_on(layout.servers, layout.load, || {
+                    nginx::Nginx::start(binary, sim.addr(), config.server.threads, &pairs)
+                })?)
+            }
+            None => None,
+        };
+        let mut targets = vec![
+            ("direct", sim.addr(), per_user.clone()),
+            ("passthrough", passthrough.addr(), per_user.clone()),
+            ("gateway", gateway.addr(), as_caller.clone()),
+        ];
+        if let Some(nginx) = &nginx {
+            targets.push(("nginx", nginx.addr(), as_caller.clone()));
+        }
+        let targets: Vec<Target> = targets
+            .into_iter()
+            .map(|(name, addr, workload)| {
+                let script = generator
+                    .prepare(&workload, scripts.path(), &format!("{prefix}-{name}"))
+                    .map_err(|e| e.to_string())?;
+                Ok(Target {
+                    name,
+                    addr,
+                    workload,
+                    script,
+                })
+            })
+            .collect::<BenchResult<_>>()?;
+        // One discarded run per target fills every upstream pool before measuring.
+        for target in &targets {
+            generator.run(
+                &runtime,
+                target.addr,
+                &target.workload,
+                &target.script,
+                16,
+                1,
+            )?;
+        }
+        for &concurrency in &plan.concurrencies {
+            let first = cells.len();
+            for target in &targets {
+                cells.push(Cell {
+                    scenario,
+                    target: target.name,
+                    concurrency,
+                    rounds: Vec::new(),
+                });
+            }
+            for round in 0..plan.rounds {
+                for offset in 0..targets.len() {
+                    let index = (round + offset) % targets.len();
+                    let target = &targets[index];
+                    let result = generator.run(
+                        &runtime,
+                        target.addr,
+                        &target.workload,
+                        &target.script,
+                        concurrency,
+                        plan.seconds_per_run,
+                    )?;
+                    cells[first + index].rounds.push(result);
+                }
+            }
+            eprintln!("{scenario}: concurrency {concurrency} done");
+        }
+    }
+
+    let memory = cached_connection_memory(&plan, &layout, &runtime, &sim, &sim_config)?;
+    let storm = refresh_storm(
+        open_files,
+        &plan,
+        &layout,
+        &runtime,
+        &control,
+        &store,
+        &clock,
+        &gateway,
+        &caller_bearer,
+    )?;
+
+    let ratios = report::ratios(&cells);
+    println!("## Throughput and latency\n");
+    println!("{}", report::markdown_table(&cells));
+    println!("spread = ±half the range of req/s over the rounds, in % of the median; latencies are medians over rounds.\n");
+    println!("## Gateway ratios\n");
+    println!("{}", report::markdown_ratios(&ratios));
+    println!("## Memory per cached connection (c)\n");
+    println!(
+        "{} users warmed through a fresh gateway: VmRSS {} KiB → {} KiB, {:.0} bytes per cached connection ({} cache entries; simulator, store page cache and allocator slack included)\n",
+        memory.users_warmed,
+        memory.rss_before_kib,
+        memory.rss_after_kib,
+        memory.bytes_per_connection,
+        memory.cached_entries
+    );
+    println!("## Refresh storm (d)\n");
+    println!(
+        "{} users × {} concurrent requests ({} in flight at once), tokens expired together, token endpoint +{} ms:\n\n\
+         | measure | value |\n|---|---:|\n\
+         | simulator refreshes (must be {}) | {} |\n\
+         | storm requests: p50 / p99 / max ms | {:.1} / {:.1} / {:.1} |\n\
+         | storm requests: non-2xx / socket errors | {} / {} |\n\
+         | storm wall time ms | {:.0} |\n\
+         | other users, calm: p99 ms ({} req) | {:.2} |\n\
+         | other users, during storm: p99 ms ({} req) | {:.2} |\n\
+         | during ÷ calm p99 | {:.2} |\n",
+        storm.users,
+        storm.fanout,
+        storm.in_flight,
+        storm.token_latency_ms,
+        storm.users,
+        storm.refresh_count,
+        storm.storm_p50_ms,
+        storm.storm_p99_ms,
+        storm.storm_max_ms,
+        storm.storm_non_2xx,
+        storm.storm_socket_errors,
+        storm.storm_wall_ms,
+        storm.calm_requests,
+        storm.calm_p99_ms,
+        storm.during_requests,
+        storm.during_p99_ms,
+        storm.during_p99_ms / storm.calm_p99_ms
+    );
+
+    let document = json!({
+        "quick": quick,
+        "machine": machine,
+        "placement": layout.describe(),
+        "generator": generator.describe(),
+        "nginx": nginx_binary.as_ref().map(|p| p.display().to_string()),
+        "pingora_threads": config.server.threads,
+        "rounds": plan.rounds,
+        "seconds_per_run": plan.seconds_per_run,
+        "cells": cells.iter().map(|c| json!({
+            "scenario": c.scenario, "target": c.target, "concurrency": c.concurrency,
+            "median": c.medians(), "rounds": c.rounds,
+        })).collect::<Vec<_>>(),
+        "ratios": ratios,
+        "memory": memory,
+        "storm": storm,
+    });
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let out = out_dir.join("load.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    println!("JSON: {}", out.display());
+    drop(passthrough);
+    drop(gateway);
+    Ok(())
+}
+
+fn machine_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{model}, {cpus} CPUs, {mem_gib:.0} GiB RAM, Linux")
+}
+
+fn check_all_ok(samples: &Samples, what: &str) -> BenchResult<()> {
+    if samples.non_2xx > 0 || samples.socket_errors > 0 {
+        return Err(format!(
+            "{what}: {} non-2xx answers and {} socket errors",
+            samples.non_2xx, samples.socket_errors
+        ));
+    }
+    Ok(())
+}
+
+/// Consents every user at the simulator and stores both tokens in the gateway's store (as
+/// `tests/support` `seed_user` does); returns the access tokens in user order.
+async fn seed_users(
+    control: &SimControl,
+    store: &Arc<dyn TokenStore>,
+    clock: &ManualClock,
+    users: &[String],
+) -> BenchResult<Vec<String>> {
+    futures::stream::iter(users.iter().map(|user| async move {
+        let grant = control
+            .create_grant(user)
+            .await
+            .map_err(|e| format!("sim grant: {e}"))?;
+        let key = ConnectionKey::user(user).map_err(|_| format!("bad user id {user}"))?;
+        let connection = NewConnection {
+            refresh_token: SecretString::from(grant.refresh_token),
+            access: Some(AccessToken {
+                token: SecretString::from(grant.access_token.clone()),
+                expires_at: clock.now() + grant.expires_in as i64,
+            }),
+            scope: None,
+        };
+        store
+            .put_connection(&key, &connection, clock.now())
+            .await
+            .map_err(|e| format!("store put: {e}"))?;
+        Ok::<_, String>(grant.access_token)
+    }))
+    .buffered(WARM_CONNECTIONS)
+    .try_collect()
+    .await
+}
+
+/// Scenario (c)'s result.
+#[derive(Serialize)]
+struct MemoryResult {
+    users_warmed: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    bytes_per_connection: f64,
+    cached_entries: u64,
+    seed_seconds: f64,
+    warm_seconds: f64,
+}
+
+/// Scenario (c): a fresh gateway and store, `rss_users` users seeded; VmRSS is read after a
+/// small first batch (connections and buffers exist) and after every other user was cached.
+fn cached_connection_memory(
+    plan: &Plan,
+    layout: &CoreLayout,
+    runtime: &tokio::runtime::Runtime,
+    sim: &finx_gateway::sim::SimHandle,
+    sim_config: &SimConfig,
+) -> BenchResult<MemoryResult> {
+    let files = GatewayFiles::new().map_err(|e| e.to_string())?;
+    let config: Config = files.config(&sim.base_url(), sim_config, None)?;
+    // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
+    let caller_bearer = format!(
+        "Bearer {}",
+        finx_gateway::demo::mint_demo_token(&config).map_err(|e| e.to_string())?
+    );
+    let clock = ManualClock::default();
+    let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
+    let gateway = started_on(layout.servers, layout.load, || {
+        RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
+    })
+    .map_err(|e| e.to_string())?;
+    let users: Vec<String> = (0..plan.rss_users).map(|i| format!("rss-{i:06}")).collect();
+    let seeding = Instant::now();
+    runtime.block_on(seed_users(&sim.control(), &store, &clock, &users))?;
+    let seed_seconds = seeding.elapsed().as_secs_f64();
+    let first_batch = WARM_CONNECTIONS * 4;
+    let workload = |users: &[String]| {
+        Arc::new(Workload {
+            users: Arc::new(users.to_vec()),
+            authorization: Authorization::Caller(caller_bearer.clone()),
+        })
+    };
+    let warm = runtime.block_on(generator::each_user_once(
+        gateway.addr(),
+        workload(&users[..first_batch]),
+        WARM_CONNECTIONS,
+    ));
+    check_all_ok(&warm, "warming the first batch")?;
+    let rss_before_kib = resident_kib().ok_or("VmRSS unreadable")?;
+    let warming = Instant::now();
+    let warm = runtime.block_on(generator::each_user_once(
+        gateway.addr(),
+        workload(&users[first_batch..]),
+        WARM_CONNECTIONS,
+    ));
+    check_all_ok(&warm, "warming 100k users")?;
+    let warm_seconds = warming.elapsed().as_secs_f64();
+    let rss_after_kib = resident_kib().ok_or("VmRSS unreadable")?;
+    let users_warmed = users.len() - first_batch;
+    eprintln!(
+        "c: {} users seeded in {seed_seconds:.1} s, warmed in {warm_seconds:.1} s",
+        users.len()
+    );
+    Ok(MemoryResult {
+        users_warmed,
+        rss_before_kib,
+        rss_after_kib,
+        bytes_per_connection: (rss_after_kib as f64 - rss_before_kib as f64) * 1024.0
+            / users_warmed as f64,
+        cached_entries: gateway.tokens().cached_entries(),
+        seed_seconds,
+        warm_seconds,
+    })
+}
+
+/// Scenario (d)'s result.
+#[derive(Serialize)]
+struct StormResult {
+    users: usize,
+    fanout: usize,
+    /// Requests in flight at once (all of them unless the open-file limit is lower).
+    in_flight: usize,
+    token_latency_ms: u64,
+    refresh_count: u64,
+    storm_p50_ms: f64,
+    storm_p99_ms: f64,
+    storm_max_ms: f64,
+    storm_non_2xx: u64,
+    storm_socket_errors: u64,
+    storm_wall_ms: f64,
+    calm_requests: usize,
+    calm_p99_ms: f64,
+    during_requests: usize,
+    during_p99_ms: f64,
+}
+
+/// Paced requests for other (unexpired) users: each of `CALM_CONNECTIONS` connections sends
+/// one request every `CALM_PERIOD`, so the latencies show service time, not self-made queues.
+const CALM_CONNECTIONS: usize = 8;
+const CALM_PERIOD: Duration = Duration::from_millis(2);
+
+/// Each calm request's start and latency.
+type TimedSamples = Vec<(Instant, Duration, u16)>;
+
+/// Runs the paced calm load on a thread of its own (pinned to `core`) until `stop` is set or
+/// `limit` passes; reports on `started` once every connection has answered once.
+fn spawn_calm_load(
+    core: Option<usize>,
+    target: SocketAddr,
+    workload: Arc<Workload>,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+    started: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<TimedSamples> {
+    std::thread::spawn(move || {
+        pin_current_thread(core);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("calm runtime");
+        runtime.block_on(async move {
+            let deadline = Instant::now() + limit;
+            let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(CALM_CONNECTIONS);
+            let tasks: Vec<_> = (0..CALM_CONNECTIONS)
+                .map(|connection_index| {
+                    let (workload, stop, ready) =
+                        (workload.clone(), stop.clone(), ready_tx.clone());
+                    tokio::spawn(async move {
+                        let mut samples = TimedSamples::new();
+                        let Ok(mut connection) = KeptConnection::open(target).await else {
+                            return samples;
+                        };
+                        let mut ticks = tokio::time::interval(CALM_PERIOD);
+                        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        let mut announced = false;
+                        let mut user = connection_index;
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                            ticks.tick().await;
+                            user = (user + CALM_CONNECTIONS) % workload.users.len();
+                            let at = Instant::now();
+                            let (status, latency) = connection
+                                .send(workload.request(user))
+                                .await
+                                .unwrap_or((0, at.elapsed()));
+                            samples.push((at, latency, status));
+                            if !announced {
+                                announced = true;
+                                let _ = ready.send(()).await;
+                            }
+                        }
+                        samples
+                    })
+                })
+                .collect();
+            drop(ready_tx);
+            for _ in 0..CALM_CONNECTIONS {
+                if ready_rx.recv().await.is_none() {
+                    break;
+                }
+            }
+            let _ = started.send(());
+            let mut all = TimedSamples::new();
+            for task in tasks {
+                all.extend(task.await.unwrap_or_default());
+            }
+            all
+        })
+    })
+}
+
+fn p99_ms(latencies: impl Iterator<Item = Duration>) -> (usize, f64) {
+    let mut micros: Vec<u32> = latencies
+        .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
+        .collect();
+    micros.sort_unstable();
+    (micros.len(), generator::percentile(&micros, 99.0) / 1e3)
+}
+
+fn health_request() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get("/healthz")
+        .header(http::header::HOST, "127.0.0.1")
+        .body(http_body_util::Empty::new())
+        .expect("valid request")
+}
+
+/// Scenario (d), on the main gateway; see the module docs.
+#[allow(clippy::too_many_arguments)]
+fn refresh_storm(
+    open_files: u64,
+    plan: &Plan,
+    layout: &CoreLayout,
+    runtime: &tokio::runtime::Runtime,
+    control: &SimControl,
+    store: &Arc<dyn TokenStore>,
+    clock: &ManualClock,
+    gateway: &RunningGateway,
+    caller_bearer: &str,
+) -> BenchResult<StormResult> {
+    let access_ttl = SimConfig::default().access_ttl.as_secs() as i64;
+    let as_caller = |users: Vec<String>| {
+        Arc::new(Workload {
+            users: Arc::new(users),
+            authorization: Authorization::Caller(caller_bearer.to_owned()),
+        })
+    };
+    let storm = as_caller(
+        (0..plan.storm_users)
+            .map(|i| format!("storm-{i:05}"))
+            .collect(),
+    );
+    let calm = as_caller(
+        (0..plan.calm_users)
+            .map(|i| format!("calm-{i:05}"))
+            .collect(),
+    );
+    runtime.block_on(async {
+        // Storm users get tokens now; ten minutes before they expire, calm users get theirs,
+        // so that moving both clocks past the storm tokens' expiry leaves the calm ones fresh.
+        seed_users(control, store, clock, &storm.users).await?;
+        check_all_ok(
+            &generator::each_user_once(gateway.addr(), storm.clone(), WARM_CONNECTIONS).await,
+            "warming storm users",
+        )?;
+        advance_clocks(control, clock, access_ttl - 600).await?;
+        seed_users(control, store, clock, &calm.users).await?;
+        check_all_ok(
+            &generator::each_user_once(gateway.addr(), calm.clone(), WARM_CONNECTIONS).await,
+            "warming calm users",
+        )?;
+        control
+            .set_faults(&Faults {
+                token_latency_ms: STORM_TOKEN_LATENCY_MS,
+                ..Faults::default()
+            })
+            .await
+            .map_err(|e| format!("sim faults: {e}"))
+    })?;
+
+    // Calm baseline: the same paced load with no storm.
+    let (started_tx, started_rx) = mpsc::channel();
+    let baseline = spawn_calm_load(
+        layout.load,
+        gateway.addr(),
+        calm.clone(),
+        Arc::new(AtomicBool::new(false)),
+        Duration::from_secs(plan.calm_seconds),
+        started_tx,
+    )
+    .join()
+    .map_err(|_| "calm load panicked")?;
+    drop(started_rx);
+    let (calm_requests, calm_p99_ms) = p99_ms(baseline.iter().map(|s| s.1));
+
+    let requests = plan.storm_users * plan.storm_fanout;
+    // Each in-flight request holds four descriptors in this process (client, gateway
+    // downstream, gateway upstream, simulator); keep 2,000 spare.
+    let in_flight = requests
+        .min((open_files.saturating_sub(2_000) / 4) as usize)
+        .max(1);
+    let outcome = runtime.block_on(async {
+        // `in_flight` kept-alive connections, opened (and used once for /healthz) before the
+        // tokens expire. Requests are numbered user-major (user × fanout + k) and connection j
+        // sends requests j, j + in_flight, …: each wave holds all requests of its users.
+        let connections: Vec<KeptConnection> = futures::stream::iter(0..in_flight)
+            .map(|_| async {
+                let mut connection = KeptConnection::open(gateway.addr()).await?;
+                connection.send(health_request()).await?;
+                Ok::<_, String>(connection)
+            })
+            .buffer_unordered(256)
+            .try_collect()
+            .await?;
+        advance_clocks(control, clock, 600 + 100).await?;
+        let refreshes_before = control
+            .stats()
+            .await
+            .map_err(|e| format!("sim stats: {e}"))?
+            .refresh_grants;
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = connections
+            .into_iter()
+            .enumerate()
+            .map(|(first, mut connection)| {
+                let (storm, fanout) = (storm.clone(), plan.storm_fanout);
+                let mut go = go_rx.clone();
+                tokio::spawn(async move {
+                    let _ = go.wait_for(|go| *go).await;
+                    let mut outcomes = Vec::new();
+                    for request in (first..requests).step_by(in_flight) {
+                        let sent = connection.send(storm.request(request / fanout)).await;
+                        let failed = sent.is_err();
+                        outcomes.push(sent);
+                        if failed {
+                            break;
+                        }
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let calm_thread = spawn_calm_load(
+            layout.load,
+            gateway.addr(),
+            calm.clone(),
+            stop.clone(),
+            Duration::from_secs(60),
+            started_tx,
+        );
+        started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "calm load did not start")?;
+        let storm_started = Instant::now();
+        let _ = go_tx.send(true);
+        let mut latencies = Vec::with_capacity(requests);
+        let (mut non_2xx, mut socket_errors) = (0, 0);
+        for task in tasks {
+            for outcome in task.await.map_err(|e| e.to_string())? {
+                match outcome {
+                    Ok((status, latency)) => {
+                        non_2xx += u64::from(!(200..300).contains(&status));
+                        latencies.push(latency);
+                    }
+                    Err(_) => socket_errors += 1,
+                }
+            }
+        }
+        let storm_ended = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let calm_samples = calm_thread.join().map_err(|_| "calm load panicked")?;
+        let refreshes_after = control
+            .stats()
+            .await
+            .map_err(|e| format!("sim stats: {e}"))?
+            .refresh_grants;
+        control
+            .set_faults(&Faults::default())
+            .await
+            .map_err(|e| format!("sim faults: {e}"))?;
+        let during = calm_samples
+            .iter()
+            .filter(|(at, _, _)| *at >= storm_started && *at <= storm_ended)
+            .map(|s| s.1);
+        let (during_requests, during_p99_ms) = p99_ms(during);
+        let mut micros: Vec<u32> = latencies
+            .iter()
+            .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
+            .collect();
+        micros.sort_unstable();
+        Ok::<_, String>(StormResult {
+            users: plan.storm_users,
+            fanout: plan.storm_fanout,
+            in_flight,
+            token_latency_ms: STORM_TOKEN_LATENCY_MS,
+            refresh_count: refreshes_after - refreshes_before,
+            storm_p50_ms: generator::percentile(&micros, 50.0) / 1e3,
+            storm_p99_ms: generator::percentile(&micros, 99.0) / 1e3,
+            storm_max_ms: generator::percentile(&micros, 100.0) / 1e3,
+            storm_non_2xx: non_2xx,
+            storm_socket_errors: socket_errors,
+            storm_wall_ms: (storm_ended - storm_started).as_secs_f64() * 1e3,
+            calm_requests,
+            calm_p99_ms,
+            during_requests,
+            during_p99_ms,
+        })
+    })?;
+    Ok(outcome)
+}
+
+/// Moves the simulator's and the gateway's clocks forward together.
+async fn advance_clocks(
+    control: &SimControl,
+    clock: &ManualClock,
+    seconds: i64,
+) -> BenchResult<()> {
+    control
+        .advance_clock(seconds)
+        .await
+        .map_err(|e| format!("sim clock: {e}"))?;
+    clock.advance(seconds);
+    Ok(())
+}
