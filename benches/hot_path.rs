@@ -33,7 +33,7 @@ fn bench_config(files: &GatewayFiles) -> (Config, String) {
     let config = files
         .config(UNUSED_UPSTREAM, &SimConfig::default(), None)
         .expect("bench config is valid");
-    let caller_token = finx_gateway::demo::mint_demo_token(&config).expect("caller token");
+    let caller_token = finx_gateway::demo::mint_demo_token(&config.callers, std::time::Duration::from_secs(24 * 3600)).expect("caller token");
     (config, caller_token)
 }
 
@@ -112,7 +112,7 @@ fn route_classification(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let path = routes::request_path(black_box(target)).unwrap();
-                black_box(routes::classify(path).unwrap())
+                black_box(routes::classify(path, "/callback").unwrap())
             })
         });
     }
