@@ -33,7 +33,11 @@ fn bench_config(files: &GatewayFiles) -> (Config, String) {
     let config = files
         .config(UNUSED_UPSTREAM, &SimConfig::default(), None)
         .expect("bench config is valid");
-    let caller_token = finx_gateway::demo::mint_demo_token(&config.callers, std::time::Duration::from_secs(24 * 3600)).expect("caller token");
+    let caller_token = finx_gateway::demo::mint_demo_token(
+        &config.callers,
+        std::time::Duration::from_secs(24 * 3600),
+    )
+    .expect("caller token");
     (config, caller_token)
 }
 

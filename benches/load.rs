@@ -144,7 +144,11 @@ fn run(plan: Plan, quick: bool) -> BenchResult<()> {
     let control = sim.control();
     let caller_bearer = format!(
         "Bearer {}",
-        finx_gateway::demo::mint_demo_token(&config.callers, std::time::Duration::from_secs(24 * 3600)).map_err(|e| e.to_string())?
+        finx_gateway::demo::mint_demo_token(
+            &config.callers,
+            std::time::Duration::from_secs(24 * 3600)
+        )
+        .map_err(|e| e.to_string())?
     );
     let scripts = tempfile::Builder::new()
         .prefix("finx-bench-scripts-")
@@ -463,7 +467,11 @@ fn cached_connection_memory(
     // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
     let caller_bearer = format!(
         "Bearer {}",
-        finx_gateway::demo::mint_demo_token(&config.callers, std::time::Duration::from_secs(24 * 3600)).map_err(|e| e.to_string())?
+        finx_gateway::demo::mint_demo_token(
+            &config.callers,
+            std::time::Duration::from_secs(24 * 3600)
+        )
+        .map_err(|e| e.to_string())?
     );
     let clock = ManualClock::default();
     let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;

@@ -255,6 +255,8 @@ pub(crate) struct JwksSource {
     stamp: Mutex<Option<FileStamp>>,
     /// Static keys are looked up first, so JWKS keys reusing their kid would be unreachable.
     static_kids: Vec<String>,
+    /// Bumped whenever new keys are stored, so results verified with older keys can be dropped.
+    generation: AtomicU64,
 }
 
 impl JwksSource {
@@ -286,6 +288,7 @@ impl JwksSource {
             next_check_ns: AtomicU64::new(0),
             stamp: Mutex::new(Some(stamp)),
             static_kids,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -312,6 +315,13 @@ impl JwksSource {
 
     pub(crate) fn kids(&self) -> Vec<String> {
         self.keys.load().iter().map(|k| k.kid.clone()).collect()
+    }
+
+    /// Checks the file (rate-limited, see [`Self::maybe_reload`]) and returns the key set's
+    /// generation.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.maybe_reload();
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Hot path: one atomic load unless the poll interval has passed.
@@ -363,6 +373,7 @@ impl JwksSource {
                 }
                 tracing::info!(jwks_file = %self.path.display(), keys = keys.len(), "reloaded JWKS file");
                 self.keys.store(Arc::new(keys));
+                self.generation.fetch_add(1, Ordering::Release);
             }
             Err(err) => {
                 tracing::warn!("{err}; keeping previous keys");

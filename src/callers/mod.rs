@@ -133,7 +133,34 @@ pub struct CallerAuth {
     signing_keys: Vec<SigningKey>,
     jwks: Option<JwksSource>,
     services: Vec<Arc<ServicePolicy>>,
+    /// Tokens verified recently: callers send the same JWT with every request, and verifying
+    /// it again (signature, JSON) would be most of the gateway's own per-request cost.
+    verified: VerifiedCache,
 }
+
+/// Verified tokens by their text. `Debug` shows the count only: the keys are tokens.
+struct VerifiedCache(moka::sync::Cache<Box<str>, VerifiedCaller>);
+
+impl std::fmt::Debug for VerifiedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifiedCache({} entries)", self.0.entry_count())
+    }
+}
+
+/// A verified token's outcome and the window in which it stays valid without re-verification.
+#[derive(Clone)]
+struct VerifiedCaller {
+    policy: Arc<ServicePolicy>,
+    claims: Arc<Map<String, Value>>,
+    /// Valid while `not_before <= now < valid_until` (leeway included).
+    not_before: i64,
+    valid_until: i64,
+    /// The JWKS generation it was verified under; a reload invalidates it.
+    jwks_generation: u64,
+}
+
+/// How long a verified token is trusted without re-verification, at most.
+const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl CallerAuth {
     /// Validates the `[callers]` table; relative paths are resolved against `base_dir` (the
@@ -332,6 +359,12 @@ impl CallerAuth {
             signing_keys,
             jwks,
             services,
+            verified: VerifiedCache(
+                moka::sync::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(VERIFIED_TTL)
+                    .build(),
+            ),
         })
     }
 
@@ -391,6 +424,19 @@ impl CallerAuth {
         if token.len() > MAX_TOKEN_LEN || !looks_like_jws(token) {
             return Err(AuthError::unauthenticated("invalid token"));
         }
+        let jwks_generation = self.jwks.as_ref().map_or(0, JwksSource::current_generation);
+        if let Some(hit) = self.verified.0.get(token) {
+            if hit.jwks_generation == jwks_generation
+                && hit.not_before <= now_unix
+                && now_unix < hit.valid_until
+            {
+                return Ok(Caller {
+                    policy: hit.policy,
+                    identity: Identity::Token(hit.claims),
+                    used_proxy_authorization,
+                });
+            }
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::unauthenticated("invalid token"))?;
         let verified = self.verify(token, &header)?;
@@ -413,6 +459,17 @@ impl CallerAuth {
         if !policy.allows_key(kid) {
             return Err(AuthError::forbidden("key not allowed for this caller"));
         }
+        let claims = Arc::new(claims);
+        self.verified.0.insert(
+            token.into(),
+            VerifiedCaller {
+                policy: Arc::clone(policy),
+                claims: Arc::clone(&claims),
+                not_before: self.valid_from(&claims),
+                valid_until: self.valid_until(&claims),
+                jwks_generation,
+            },
+        );
         Ok(Caller {
             policy: Arc::clone(policy),
             identity: Identity::Token(claims),
@@ -477,6 +534,38 @@ impl CallerAuth {
     }
 
     /// Time, issuer and audience checks against the request's clock.
+    /// The first second `check_claims` accepts these (already checked) claims.
+    fn valid_from(&self, claims: &Map<String, Value>) -> i64 {
+        let claim = |name| numeric_claim(claims, name).ok().flatten();
+        let nbf = claim("nbf").unwrap_or(i64::MIN);
+        let iat = match self.max_token_age_secs {
+            Some(_) => claim("iat").unwrap_or(i64::MIN),
+            None => i64::MIN,
+        };
+        nbf.max(iat).saturating_sub(self.leeway_secs)
+    }
+
+    /// The first second `check_claims` refuses these (already checked) claims.
+    fn valid_until(&self, claims: &Map<String, Value>) -> i64 {
+        let exp = numeric_claim(claims, "exp")
+            .ok()
+            .flatten()
+            .unwrap_or(i64::MIN);
+        let mut until = exp.saturating_add(self.leeway_secs);
+        if let Some(max_age) = self.max_token_age_secs {
+            let iat = numeric_claim(claims, "iat")
+                .ok()
+                .flatten()
+                .unwrap_or(i64::MIN);
+            until = until.min(
+                iat.saturating_add(max_age)
+                    .saturating_add(self.leeway_secs)
+                    .saturating_add(1),
+            );
+        }
+        until
+    }
+
     fn check_claims(
         &self,
         claims: Map<String, Value>,
@@ -639,7 +728,7 @@ fn numeric_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>,
 #[derive(Clone)]
 enum Identity {
     /// Verified claims of the caller's token.
-    Token(Map<String, Value>),
+    Token(Arc<Map<String, Value>>),
     /// Trusted-local mode: the identity is the configured service's.
     TrustedLocal,
 }

@@ -899,3 +899,39 @@ fn www_authenticate_values() {
         (403, None)
     );
 }
+
+#[test]
+fn a_remembered_verification_never_outlives_the_tokens_time_window() {
+    let fixture = Fixture::new();
+    let auth = fixture.auth(CONFIG);
+    let mut c = claims("svc-ledger");
+    c.insert("nbf".into(), json!(NOW - 5));
+    let token = hs(&c);
+    // Verified once (and remembered), then presented around the edges of its window.
+    assert!(auth.authenticate(&bearer(&token), NOW).is_ok());
+    assert!(auth.authenticate(&bearer(&token), NOW + 300 + 29).is_ok());
+    assert_eq!(
+        auth.authenticate(&bearer(&token), NOW + 300 + 30)
+            .unwrap_err(),
+        unauthenticated("expired")
+    );
+    assert_eq!(
+        auth.authenticate(&bearer(&token), NOW - 5 - 31)
+            .unwrap_err(),
+        unauthenticated("not yet valid")
+    );
+    // The proxy-header flag belongs to the request, not to the remembered token.
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        PROXY_AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    assert!(auth
+        .authenticate(&headers, NOW)
+        .unwrap()
+        .used_proxy_authorization());
+    assert!(!auth
+        .authenticate(&bearer(&token), NOW)
+        .unwrap()
+        .used_proxy_authorization());
+}

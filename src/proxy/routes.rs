@@ -94,6 +94,15 @@ fn is_under(path: &str, prefix: &str) -> bool {
 
 /// The lenient reading: does any plausible decoding of this path reach `/auth`?
 fn names_auth(raw_path: &str) -> bool {
+    // Nothing to decode or resolve (the usual request): the first segment is plain text.
+    if !raw_path.contains(['%', '\\', ';', '.', '\0']) && !raw_path.contains("//") {
+        let first = raw_path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        return first.trim().eq_ignore_ascii_case("auth");
+    }
     // Decode twice: a server that double-decodes turns `%2561uth` into `auth`.
     let once = percent_decode_str(raw_path).decode_utf8_lossy();
     let twice = percent_decode_str(&once).decode_utf8_lossy();
