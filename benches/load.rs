@@ -102,8 +102,16 @@ const WARM_CONNECTIONS: usize = 64;
 type BenchResult<T> = Result<T, String>;
 
 fn main() {
-    let quick = std::env::args().any(|arg| arg == "--quick");
-    if let Err(error) = run(if quick { Plan::quick() } else { Plan::full() }, quick) {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|arg| arg == "--quick");
+    // `--threads N`: pingora threads of gateway and passthrough, nginx workers (default: the
+    // gateway's default).
+    let threads = args
+        .iter()
+        .position(|arg| arg == "--threads")
+        .and_then(|at| args.get(at + 1))
+        .and_then(|n| n.parse::<usize>().ok());
+    if let Err(error) = run(if quick { Plan::quick() } else { Plan::full() }, quick, threads) {
         eprintln!("load bench failed: {error}");
         std::process::exit(1);
     }
@@ -117,7 +125,7 @@ struct Target {
     script: PathBuf,
 }
 
-fn run(plan: Plan, quick: bool) -> BenchResult<()> {
+fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
     let open_files = affinity::raise_open_file_limit(131_072);
     let machine = machine_description();
     let layout = CoreLayout::detect();
@@ -129,7 +137,7 @@ fn run(plan: Plan, quick: bool) -> BenchResult<()> {
     let sim_config = SimConfig::default().with_control();
     let sim = finx_gateway::sim::spawn(sim_config.clone()).map_err(|e| e.to_string())?;
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
-    let config = files.config(&sim.base_url(), &sim_config, None)?;
+    let config = files.config(&sim.base_url(), &sim_config, threads)?;
     let clock = ManualClock::default();
     let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
     let gateway = RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
