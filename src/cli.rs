@@ -176,7 +176,7 @@ fn load(path: &Path) -> Result<Config, String> {
 
 fn serve(path: &Path) -> Result<(), String> {
     let config = load(path)?;
-    crate::telemetry::init(&config.telemetry);
+    let _log_writer = crate::telemetry::init(&config.telemetry);
     let store = crate::open_store(&config).map_err(|e| e.to_string())?;
     let (server, _tokens) =
         crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;

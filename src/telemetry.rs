@@ -5,6 +5,7 @@
 //! setting may turn that on by accident.
 
 use tracing::{Level, Metadata};
+pub use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -13,10 +14,17 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
-/// Installs the global subscriber writing to stderr. Safe to call more than once (later calls
-/// are ignored).
-pub fn init(config: &TelemetryConfig) {
-    init_with_writer(config.format, &config.level, std::io::stderr);
+/// Installs the global subscriber writing to stderr from a background thread, so no request
+/// waits on log I/O. Keep the returned guard alive: dropping it flushes and stops the writer.
+/// Safe to call more than once (later calls are ignored).
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init(config: &TelemetryConfig) -> WorkerGuard {
+    // Lossless: under overload requests wait for the writer rather than drop audit lines.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    init_with_writer(config.format, &config.level, writer);
+    guard
 }
 
 /// Whether a record may be written at all: ours at any level, other crates' up to DEBUG.

@@ -38,6 +38,7 @@ pub struct Demo {
     pub gateway: RunningGateway,
     /// A caller JWT of the demo service, valid for a day.
     pub caller_token: String,
+    _log_writer: crate::telemetry::WorkerGuard,
     _dir: tempfile::TempDir,
 }
 
@@ -76,7 +77,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
         connect.demo_page = Some(true);
     }
     let config = Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())?;
-    crate::telemetry::init(&config.telemetry);
+    let log_writer = crate::telemetry::init(&config.telemetry);
 
     let store = crate::open_store(&config).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -112,6 +113,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
         sim,
         gateway,
         caller_token,
+        _log_writer: log_writer,
         _dir: dir,
     })
 }
