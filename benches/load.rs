@@ -111,7 +111,11 @@ fn main() {
         .position(|arg| arg == "--threads")
         .and_then(|at| args.get(at + 1))
         .and_then(|n| n.parse::<usize>().ok());
-    if let Err(error) = run(if quick { Plan::quick() } else { Plan::full() }, quick, threads) {
+    if let Err(error) = run(
+        if quick { Plan::quick() } else { Plan::full() },
+        quick,
+        threads,
+    ) {
         eprintln!("load bench failed: {error}");
         std::process::exit(1);
     }
@@ -330,7 +334,10 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
          | storm wall time ms | {:.0} |\n\
          | other users, calm: p99 ms ({} req) | {:.2} |\n\
          | other users, during storm: p99 ms ({} req) | {:.2} |\n\
-         | during ÷ calm p99 | {:.2} |\n",
+         | during ÷ calm p99 | {:.2} |\n\
+         | same burst, tokens fresh: p99 / wall ms | {:.1} / {:.0} |\n\
+         | other users, during that burst: p99 ms ({} req) | {:.2} |\n\
+         | during storm ÷ during equal burst p99 | {:.2} |\n",
         storm.users,
         storm.fanout,
         storm.in_flight,
@@ -347,7 +354,12 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         storm.calm_p99_ms,
         storm.during_requests,
         storm.during_p99_ms,
-        storm.during_p99_ms / storm.calm_p99_ms
+        storm.during_p99_ms / storm.calm_p99_ms,
+        storm.equal_burst_p99_ms,
+        storm.equal_burst_wall_ms,
+        storm.during_equal_burst_requests,
+        storm.during_equal_burst_p99_ms,
+        storm.during_p99_ms / storm.during_equal_burst_p99_ms
     );
 
     let document = json!({
@@ -550,6 +562,11 @@ struct StormResult {
     calm_p99_ms: f64,
     during_requests: usize,
     during_p99_ms: f64,
+    /// The same burst with fresh tokens: its own p99, wall time, and other users' p99 during it.
+    equal_burst_p99_ms: f64,
+    equal_burst_wall_ms: f64,
+    during_equal_burst_requests: usize,
+    during_equal_burst_p99_ms: f64,
 }
 
 /// Paced requests for other (unexpired) users: each of `CALM_CONNECTIONS` connections sends
@@ -715,116 +732,171 @@ fn refresh_storm(
     let in_flight = requests
         .min((open_files.saturating_sub(2_000) / 4) as usize)
         .max(1);
-    let outcome = runtime.block_on(async {
-        // `in_flight` kept-alive connections, opened (and used once for /healthz) before the
-        // tokens expire. Requests are numbered user-major (user × fanout + k) and connection j
-        // sends requests j, j + in_flight, …: each wave holds all requests of its users.
-        let connections: Vec<KeptConnection> = futures::stream::iter(0..in_flight)
-            .map(|_| async {
-                let mut connection = KeptConnection::open(gateway.addr()).await?;
-                connection.send(health_request()).await?;
-                Ok::<_, String>(connection)
-            })
-            .buffer_unordered(256)
-            .try_collect()
-            .await?;
-        advance_clocks(control, clock, 600 + 100).await?;
-        let refreshes_before = control
-            .stats()
-            .await
-            .map_err(|e| format!("sim stats: {e}"))?
-            .refresh_grants;
-        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
-        let tasks: Vec<_> = connections
-            .into_iter()
-            .enumerate()
-            .map(|(first, mut connection)| {
-                let (storm, fanout) = (storm.clone(), plan.storm_fanout);
-                let mut go = go_rx.clone();
-                tokio::spawn(async move {
-                    let _ = go.wait_for(|go| *go).await;
-                    let mut outcomes = Vec::new();
-                    for request in (first..requests).step_by(in_flight) {
-                        let sent = connection.send(storm.request(request / fanout)).await;
-                        let failed = sent.is_err();
-                        outcomes.push(sent);
-                        if failed {
-                            break;
-                        }
-                    }
-                    outcomes
-                })
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (started_tx, started_rx) = mpsc::channel();
-        let calm_thread = spawn_calm_load(
-            layout.load,
-            gateway.addr(),
-            calm.clone(),
-            stop.clone(),
-            Duration::from_secs(60),
-            started_tx,
-        );
-        started_rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| "calm load did not start")?;
-        let storm_started = Instant::now();
-        let _ = go_tx.send(true);
-        let mut latencies = Vec::with_capacity(requests);
-        let (mut non_2xx, mut socket_errors) = (0, 0);
-        for task in tasks {
-            for outcome in task.await.map_err(|e| e.to_string())? {
-                match outcome {
-                    Ok((status, latency)) => {
-                        non_2xx += u64::from(!(200..300).contains(&status));
-                        latencies.push(latency);
-                    }
-                    Err(_) => socket_errors += 1,
-                }
-            }
-        }
-        let storm_ended = Instant::now();
-        stop.store(true, Ordering::Relaxed);
-        let calm_samples = calm_thread.join().map_err(|_| "calm load panicked")?;
-        let refreshes_after = control
-            .stats()
-            .await
-            .map_err(|e| format!("sim stats: {e}"))?
-            .refresh_grants;
+    let burst_plan = BurstPlan {
+        gateway: gateway.addr(),
+        storm: storm.clone(),
+        fanout: plan.storm_fanout,
+        requests,
+        in_flight,
+        calm: calm.clone(),
+        calm_core: layout.load,
+    };
+    runtime.block_on(async {
+        let refreshes_before = refresh_grants(control).await?;
+        // The storm: every storm user's token expires at once.
+        let storm_burst = burst(&burst_plan, Some((control, clock, 600 + 100))).await?;
+        let refresh_count = refresh_grants(control).await? - refreshes_before;
+        // The same burst again, tokens now fresh: what the load alone does to other users.
+        let equal_burst = burst(&burst_plan, None).await?;
         control
             .set_faults(&Faults::default())
             .await
             .map_err(|e| format!("sim faults: {e}"))?;
-        let during = calm_samples
-            .iter()
-            .filter(|(at, _, _)| *at >= storm_started && *at <= storm_ended)
-            .map(|s| s.1);
-        let (during_requests, during_p99_ms) = p99_ms(during);
-        let mut micros: Vec<u32> = latencies
-            .iter()
-            .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
-            .collect();
-        micros.sort_unstable();
+        let micros = &storm_burst.micros;
         Ok::<_, String>(StormResult {
             users: plan.storm_users,
             fanout: plan.storm_fanout,
             in_flight,
             token_latency_ms: STORM_TOKEN_LATENCY_MS,
-            refresh_count: refreshes_after - refreshes_before,
-            storm_p50_ms: generator::percentile(&micros, 50.0) / 1e3,
-            storm_p99_ms: generator::percentile(&micros, 99.0) / 1e3,
-            storm_max_ms: generator::percentile(&micros, 100.0) / 1e3,
-            storm_non_2xx: non_2xx,
-            storm_socket_errors: socket_errors,
-            storm_wall_ms: (storm_ended - storm_started).as_secs_f64() * 1e3,
+            refresh_count,
+            storm_p50_ms: generator::percentile(micros, 50.0) / 1e3,
+            storm_p99_ms: generator::percentile(micros, 99.0) / 1e3,
+            storm_max_ms: generator::percentile(micros, 100.0) / 1e3,
+            storm_non_2xx: storm_burst.non_2xx,
+            storm_socket_errors: storm_burst.socket_errors,
+            storm_wall_ms: storm_burst.wall_ms,
             calm_requests,
             calm_p99_ms,
-            during_requests,
-            during_p99_ms,
+            during_requests: storm_burst.calm_requests,
+            during_p99_ms: storm_burst.calm_p99_ms,
+            equal_burst_p99_ms: generator::percentile(&equal_burst.micros, 99.0) / 1e3,
+            equal_burst_wall_ms: equal_burst.wall_ms,
+            during_equal_burst_requests: equal_burst.calm_requests,
+            during_equal_burst_p99_ms: equal_burst.calm_p99_ms,
         })
-    })?;
-    Ok(outcome)
+    })
+}
+
+async fn refresh_grants(control: &SimControl) -> BenchResult<u64> {
+    Ok(control
+        .stats()
+        .await
+        .map_err(|e| format!("sim stats: {e}"))?
+        .refresh_grants)
+}
+
+/// One burst of scenario (d): `requests` requests for the storm users, all in flight at once
+/// (up to `in_flight`), while paced calm load runs for other users.
+struct BurstPlan {
+    gateway: SocketAddr,
+    storm: Arc<Workload>,
+    fanout: usize,
+    requests: usize,
+    in_flight: usize,
+    calm: Arc<Workload>,
+    calm_core: Option<usize>,
+}
+
+/// What a burst measured.
+struct BurstOutcome {
+    /// Burst request latencies, sorted, in µs.
+    micros: Vec<u32>,
+    non_2xx: u64,
+    socket_errors: u64,
+    wall_ms: f64,
+    /// Calm requests started during the burst, and their p99.
+    calm_requests: usize,
+    calm_p99_ms: f64,
+}
+
+/// Runs one burst; with `expire`, both clocks move forward by that many seconds just before it.
+async fn burst(
+    plan: &BurstPlan,
+    expire: Option<(&SimControl, &ManualClock, i64)>,
+) -> BenchResult<BurstOutcome> {
+    let (requests, in_flight) = (plan.requests, plan.in_flight);
+    // `in_flight` kept-alive connections, opened (and used once for /healthz) beforehand.
+    // Requests are numbered user-major (user × fanout + k) and connection j sends requests
+    // j, j + in_flight, …: each wave holds all requests of its users.
+    let connections: Vec<KeptConnection> = futures::stream::iter(0..in_flight)
+        .map(|_| async {
+            let mut connection = KeptConnection::open(plan.gateway).await?;
+            connection.send(health_request()).await?;
+            Ok::<_, String>(connection)
+        })
+        .buffer_unordered(256)
+        .try_collect()
+        .await?;
+    if let Some((control, clock, seconds)) = expire {
+        advance_clocks(control, clock, seconds).await?;
+    }
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(first, mut connection)| {
+            let (storm, fanout) = (plan.storm.clone(), plan.fanout);
+            let mut go = go_rx.clone();
+            tokio::spawn(async move {
+                let _ = go.wait_for(|go| *go).await;
+                let mut outcomes = Vec::new();
+                for request in (first..requests).step_by(in_flight) {
+                    let sent = connection.send(storm.request(request / fanout)).await;
+                    let failed = sent.is_err();
+                    outcomes.push(sent);
+                    if failed {
+                        break;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = mpsc::channel();
+    let calm_thread = spawn_calm_load(
+        plan.calm_core,
+        plan.gateway,
+        plan.calm.clone(),
+        stop.clone(),
+        Duration::from_secs(60),
+        started_tx,
+    );
+    started_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "calm load did not start")?;
+    let started = Instant::now();
+    let _ = go_tx.send(true);
+    let mut micros = Vec::with_capacity(requests);
+    let (mut non_2xx, mut socket_errors) = (0, 0);
+    for task in tasks {
+        for outcome in task.await.map_err(|e| e.to_string())? {
+            match outcome {
+                Ok((status, latency)) => {
+                    non_2xx += u64::from(!(200..300).contains(&status));
+                    micros.push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+                }
+                Err(_) => socket_errors += 1,
+            }
+        }
+    }
+    let ended = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let calm_samples = calm_thread.join().map_err(|_| "calm load panicked")?;
+    let during = calm_samples
+        .iter()
+        .filter(|(at, _, _)| *at >= started && *at <= ended)
+        .map(|s| s.1);
+    let (calm_requests, calm_p99_ms) = p99_ms(during);
+    micros.sort_unstable();
+    Ok(BurstOutcome {
+        micros,
+        non_2xx,
+        socket_errors,
+        wall_ms: (ended - started).as_secs_f64() * 1e3,
+        calm_requests,
+        calm_p99_ms,
+    })
 }
 
 /// Moves the simulator's and the gateway's clocks forward together.
