@@ -440,3 +440,36 @@ async fn finx_answers_pass_through_unchanged() {
         assert_eq!(via_gateway, direct, "{path}");
     }
 }
+
+/// finX rotated the refresh token but its answer never arrived. With a reuse grace window the
+/// gateway's retry with the old token recovers; with strict rotation the grant is lost and the
+/// connection says so (424) instead of failing forever with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_answer_recovers_within_a_grace_window_and_is_reported_without_one() {
+    let lose_next_answer = finx_gateway::sim::Faults {
+        lost_response_rate: 1.0,
+        budget: Some(1),
+        ..Default::default()
+    };
+
+    let mut sim = SimConfig::default().with_control();
+    sim.grace_window = Duration::from_secs(30);
+    let lenient = Harness::with(sim, |_| {});
+    lenient.import_user("mia").await;
+    lenient.control.set_faults(&lose_next_answer).await.unwrap();
+    let response = lenient.get_as("mia", "/rest/accounts").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(error_code(response).await, "upstream_unavailable");
+    assert_eq!(lenient.get_as("mia", "/rest/accounts").await.status(), 200);
+    let stats = lenient.control.stats().await.unwrap();
+    assert_eq!((stats.grace_reuses, stats.families_revoked), (1, 0));
+
+    let strict = Harness::start();
+    strict.import_user("noah").await;
+    strict.control.set_faults(&lose_next_answer).await.unwrap();
+    assert_eq!(strict.get_as("noah", "/rest/accounts").await.status(), 503);
+    let response = strict.get_as("noah", "/rest/accounts").await;
+    assert_eq!(response.status(), 424);
+    assert_eq!(error_code(response).await, "reauth_required");
+    assert_eq!(strict.control.stats().await.unwrap().families_revoked, 1);
+}
