@@ -173,7 +173,14 @@ fn caller_jwt(c: &mut Criterion) {
         // By reference: building and dropping the config stay outside the timing.
         b.iter_batched_ref(
             || bench_config(&files).0,
-            |fresh| black_box(fresh.callers.authenticate(black_box(&headers), now).unwrap()),
+            |fresh| {
+                black_box(
+                    fresh
+                        .callers
+                        .authenticate(black_box(&headers), now)
+                        .unwrap(),
+                )
+            },
             BatchSize::PerIteration,
         )
     });

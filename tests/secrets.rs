@@ -15,6 +15,7 @@ use support::{captured_logs, Harness};
 const CLIENT_SECRET: &str = "CANARY-CLIENT-SECRET-d41d8cd98f00b204e9800998ecf8427e";
 const CODE: &str = "CANARY-AUTHORIZATION-CODE-0cc175b9c0f1b6a831c399e269772661";
 const CALLER_GARBAGE: &str = "CANARY.CALLER.TOKEN";
+const QUERY_CANARY: &str = "CANARY-CODE-IN-A-QUERY-92eb5ffee6ae2fec3ad71c777531578f";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_a_log_line() {
@@ -157,6 +158,25 @@ async fn no_secret_reaches_a_log_line() {
         302
     );
 
+    // A request that fails upstream: pingora logs its own error line about it, which must not
+    // carry the target's query (a callback's carries the code).
+    let impatient = Harness::with(SimConfig::default().with_control(), |file| {
+        file.upstream.read_timeout = Some(Duration::from_millis(200));
+    });
+    impatient.seed_user("canary-slow").await;
+    let slow_data = finx_gateway::sim::Faults {
+        data_latency_ms: 2_000,
+        ..Default::default()
+    };
+    impatient.control.set_faults(&slow_data).await.unwrap();
+    let response = impatient
+        .get_as(
+            "canary-slow",
+            &format!("/rest/accounts?code={QUERY_CANARY}"),
+        )
+        .await;
+    assert_eq!(response.status(), 504);
+
     // Every token the store holds now (the rotated ones) is a secret too.
     for user in [
         "canary-user",
@@ -188,6 +208,18 @@ async fn no_secret_reaches_a_log_line() {
     ] {
         assert!(logs.contains(expected), "logs lack {expected:?}");
     }
+    // pingora's own error line about the failed request describes it by our summary alone.
+    // (Its DEBUG line about the upstream request shows a proxied /rest target, which carries no
+    // secret: callbacks are answered by the gateway and never proxied.)
+    let error_lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("\"level\":\"ERROR\"") && line.contains("GET user_data"))
+        .collect();
+    assert!(
+        !error_lines.is_empty(),
+        "pingora logged no error line with our summary"
+    );
+    assert!(error_lines.iter().all(|line| !line.contains(QUERY_CANARY)));
     for (index, secret) in secrets.iter().enumerate() {
         assert!(secret.len() >= 16, "canary too short to mean anything");
         assert!(

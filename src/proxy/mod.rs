@@ -404,6 +404,17 @@ impl ProxyHttp for FinxProxy {
         }
     }
 
+    /// Describes the request in pingora's own error log lines. The default prints the full
+    /// target, and a callback's query carries finX's authorization code: only the method and
+    /// route class are given.
+    fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {
+        format!(
+            "{} {}",
+            session.req_header().method,
+            ctx.route.map_or("-", Route::as_str)
+        )
+    }
+
     /// Runs last for every request: one access (and audit) line, never a secret.
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
