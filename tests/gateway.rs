@@ -226,6 +226,15 @@ async fn token_endpoint_failures_answer_fast_and_keep_the_refresh_token() {
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(error_code(response).await, "upstream_unavailable");
+    // Backoff: until Retry-After has passed, finX is not asked again for this connection.
+    let token_calls = harness.control.stats().await.unwrap().token_requests;
+    let response = harness.get_as("gina", "/rest/accounts").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        harness.control.stats().await.unwrap().token_requests,
+        token_calls
+    );
+    harness.clock.advance(1);
 
     // 429 with Retry-After
     harness
@@ -239,6 +248,14 @@ async fn token_endpoint_failures_answer_fast_and_keep_the_refresh_token() {
     let response = harness.get_as("gina", "/rest/accounts").await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "7");
+    harness.clock.advance(6);
+    let response = harness.get_as("gina", "/rest/accounts").await;
+    assert_eq!(
+        response.headers()["retry-after"],
+        "1",
+        "finX's Retry-After is honoured"
+    );
+    harness.clock.advance(1);
 
     // slow: past the gateway's token timeout
     harness
@@ -249,6 +266,7 @@ async fn token_endpoint_failures_answer_fast_and_keep_the_refresh_token() {
     let response = harness.get_as("gina", "/rest/accounts").await;
     assert_eq!(response.status(), 504);
     assert_eq!(error_code(response).await, "upstream_timeout");
+    harness.clock.advance(1);
 
     // finX recovers: the same refresh token still works, nothing was reused.
     harness.control.reset().await.unwrap();
@@ -460,6 +478,7 @@ async fn a_lost_refresh_answer_recovers_within_a_grace_window_and_is_reported_wi
     let response = lenient.get_as("mia", "/rest/accounts").await;
     assert_eq!(response.status(), 503);
     assert_eq!(error_code(response).await, "upstream_unavailable");
+    lenient.clock.advance(1); // past the backoff
     assert_eq!(lenient.get_as("mia", "/rest/accounts").await.status(), 200);
     let stats = lenient.control.stats().await.unwrap();
     assert_eq!((stats.grace_reuses, stats.families_revoked), (1, 0));
@@ -468,8 +487,47 @@ async fn a_lost_refresh_answer_recovers_within_a_grace_window_and_is_reported_wi
     strict.import_user("noah").await;
     strict.control.set_faults(&lose_next_answer).await.unwrap();
     assert_eq!(strict.get_as("noah", "/rest/accounts").await.status(), 503);
+    strict.clock.advance(1);
     let response = strict.get_as("noah", "/rest/accounts").await;
     assert_eq!(response.status(), 424);
     assert_eq!(error_code(response).await, "reauth_required");
     assert_eq!(strict.control.stats().await.unwrap().families_revoked, 1);
+}
+
+/// finX rotated the token but the store could not take it: the new grant is kept and stored
+/// before finX is ever asked again, so the spent token is never presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_the_store_refused_is_committed_before_finx_is_asked_again() {
+    let harness = Harness::start();
+    harness.import_user("olga").await;
+    // Every attempt of the first commit fails (the gateway retries a few times).
+    harness
+        .failing_commits
+        .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    let response = harness.get_as("olga", "/rest/accounts").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(error_code(response).await, "store_unavailable");
+    // Still failing: finX is not asked again.
+    assert_eq!(harness.get_as("olga", "/rest/accounts").await.status(), 503);
+    assert_eq!(
+        harness
+            .control
+            .user_stats("olga")
+            .await
+            .unwrap()
+            .refresh_grants,
+        1
+    );
+
+    harness
+        .failing_commits
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(harness.get_as("olga", "/rest/accounts").await.status(), 200);
+    let stats = harness.control.user_stats("olga").await.unwrap();
+    assert_eq!((stats.refresh_grants, stats.refresh_reuse_detected), (1, 0));
+    // The stored token is the rotated one: the next refresh works.
+    harness.advance(3600).await;
+    assert_eq!(harness.get_as("olga", "/rest/accounts").await.status(), 200);
+    let stats = harness.control.user_stats("olga").await.unwrap();
+    assert_eq!((stats.refresh_grants, stats.refresh_reuse_detected), (2, 0));
 }

@@ -334,11 +334,8 @@ impl ConnectService {
             access: Some(grant.access),
             scope: grant.scope,
         };
-        match self.store.put_connection(&key, &connection, now).await {
-            Ok(_) => {
-                self.tokens.forget(&key).await;
-                Outcome::stored(key)
-            }
+        match self.tokens.store_consent(&key, &connection).await {
+            Ok(_) => Outcome::stored(key),
             Err(error) => {
                 tracing::error!(connection = %key, %error, "exchanged tokens could not be stored");
                 Outcome::failed("store_unavailable")

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::clock::UnixSeconds;
@@ -43,12 +42,51 @@ pub struct TokenClient {
     client_secret: SecretString,
 }
 
-#[derive(Deserialize)]
-struct TokenAnswer {
-    access_token: String,
-    expires_in: i64,
-    refresh_token: Option<String>,
-    scope: Option<String>,
+/// `expires_in` when finX's answer has none (finx-api.md §3: access tokens live an hour).
+const DEFAULT_EXPIRES_IN: i64 = 3600;
+
+/// Reads a successful token answer. Lenient on purpose: by the time this runs finX has already
+/// rotated the refresh token, so a rotated token must be kept whatever else is odd about the
+/// answer. A missing access token becomes an empty, already-expired one (stored, never used).
+fn parse_grant(body: &[u8], now: UnixSeconds) -> Result<TokenGrant, TokenFailure> {
+    let unreadable = TokenFailure::Unavailable {
+        reason: "unreadable token answer",
+        retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+    };
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+        return Err(unreadable);
+    };
+    let text = |field: &str| {
+        answer
+            .get(field)
+            .and_then(Value::as_str)
+            .filter(|value| !value.is_empty())
+            .map(str::to_owned)
+    };
+    let refresh_token = text("refresh_token").map(SecretString::from);
+    let access_token = text("access_token");
+    if access_token.is_none() && refresh_token.is_none() {
+        return Err(unreadable);
+    }
+    let expires_in = match answer.get("expires_in") {
+        Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+    .unwrap_or(DEFAULT_EXPIRES_IN)
+    .clamp(0, 24 * 3600);
+    let expires_at = match access_token {
+        Some(_) => now.saturating_add(expires_in),
+        None => now,
+    };
+    Ok(TokenGrant {
+        access: AccessToken {
+            token: SecretString::from(access_token.unwrap_or_default()),
+            expires_at,
+        },
+        refresh_token,
+        scope: text("scope"),
+    })
 }
 
 impl TokenClient {
@@ -148,19 +186,7 @@ impl TokenClient {
             .unwrap_or(DEFAULT_RETRY_AFTER_SECS);
         let bytes = response.bytes().await.map_err(classify_transport)?;
         if status.is_success() {
-            let answer: TokenAnswer =
-                serde_json::from_slice(&bytes).map_err(|_| TokenFailure::Unavailable {
-                    reason: "unreadable token answer",
-                    retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
-                })?;
-            return Ok(TokenGrant {
-                access: AccessToken {
-                    token: SecretString::from(answer.access_token),
-                    expires_at: now.saturating_add(answer.expires_in.max(0)),
-                },
-                refresh_token: answer.refresh_token.map(SecretString::from),
-                scope: answer.scope,
-            });
+            return parse_grant(&bytes, now);
         }
         Err(classify_error(status.as_u16(), &bytes, retry_after_secs))
     }
@@ -226,6 +252,30 @@ pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn odd_successful_answers_keep_the_rotated_refresh_token() {
+        let grant = parse_grant(
+            br#"{"access_token":"a","expires_in":"3600","refresh_token":"r2","scope":5}"#,
+            100,
+        )
+        .unwrap();
+        assert_eq!(grant.access.expires_at, 3700);
+        assert_eq!(grant.refresh_token.unwrap().expose_secret(), "r2");
+        assert_eq!(grant.scope, None);
+        let grant = parse_grant(br#"{"access_token":"a","expires_in":3600.0}"#, 100).unwrap();
+        assert_eq!(grant.access.expires_at, 3700);
+        assert!(grant.refresh_token.is_none());
+        let grant = parse_grant(br#"{"access_token":"a"}"#, 100).unwrap();
+        assert_eq!(grant.access.expires_at, 100 + DEFAULT_EXPIRES_IN);
+        // No access token, but a rotated refresh token: kept, with an unusable access token.
+        let grant = parse_grant(br#"{"refresh_token":"r3"}"#, 100).unwrap();
+        assert_eq!(grant.access.token.expose_secret(), "");
+        assert_eq!(grant.access.expires_at, 100);
+        assert_eq!(grant.refresh_token.unwrap().expose_secret(), "r3");
+        assert!(parse_grant(b"{}", 100).is_err());
+        assert!(parse_grant(b"not json", 100).is_err());
+    }
 
     #[test]
     fn invalid_grant_is_recognised_in_both_shapes() {

@@ -11,7 +11,8 @@
 pub mod client;
 mod locks;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -21,7 +22,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::clock::{Clock, UnixSeconds};
 use crate::store::{
-    AccessToken, Connection, ConnectionKey, ConnectionStatus, StoreError, TokenStore,
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, NewConnection, StoreError,
+    TokenGrant, TokenStore,
 };
 pub use client::{TokenClient, TokenFailure};
 use locks::KeyedLocks;
@@ -119,7 +121,24 @@ struct Inner {
     skew_secs: i64,
     one_time_retention_secs: i64,
     locks: KeyedLocks,
+    /// Grants finX issued whose commit failed, by connection: the old refresh token is spent,
+    /// so finX is not asked again for that connection until this grant is stored.
+    uncommitted: Mutex<HashMap<ConnectionKey, Uncommitted>>,
+    /// When finX may be asked again for a connection after a retryable failure.
+    backoff_until: moka::sync::Cache<ConnectionKey, UnixSeconds>,
+    /// Connections finX declared dead whose status could not be stored: never asked again.
+    dead: moka::sync::Cache<ConnectionKey, ()>,
 }
+
+/// A grant waiting to be committed over the row version it was refreshed from.
+struct Uncommitted {
+    expected_version: i64,
+    grant: TokenGrant,
+    refreshed_at: UnixSeconds,
+}
+
+/// Longest backoff after a retryable failure, whatever finX's `Retry-After` says.
+const MAX_BACKOFF_SECS: u64 = 300;
 
 impl TokenManager {
     /// Builds a manager over `store`, refreshing through `client`.
@@ -153,6 +172,15 @@ impl TokenManager {
                 skew_secs,
                 one_time_retention_secs: one_time_retention.as_secs() as i64,
                 locks: KeyedLocks::default(),
+                uncommitted: Mutex::new(HashMap::new()),
+                backoff_until: moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(Duration::from_secs(MAX_BACKOFF_SECS))
+                    .build(),
+                dead: moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(Duration::from_secs(24 * 3600))
+                    .build(),
             }),
         }
     }
@@ -203,9 +231,25 @@ impl TokenManager {
         }
     }
 
-    /// Drops any cached token of `key` (after an import or a new consent).
-    pub async fn forget(&self, key: &ConnectionKey) {
-        self.inner.cache.invalidate(key).await;
+    /// Stores a new consent for `key` (a completed connect flow) under the connection's lock,
+    /// so it cannot interleave with a refresh of the grant it replaces, and forgets everything
+    /// known about that older grant.
+    pub async fn store_consent(
+        &self,
+        key: &ConnectionKey,
+        consent: &NewConnection,
+    ) -> Result<Connection, StoreError> {
+        let inner = &self.inner;
+        let _held = inner.locks.lock(key).await;
+        let stored = inner
+            .store
+            .put_connection(key, consent, inner.clock.now())
+            .await?;
+        inner.lock_uncommitted().remove(key);
+        inner.backoff_until.invalidate(key);
+        inner.dead.invalidate(key);
+        inner.cache.invalidate(key).await;
+        Ok(stored)
     }
 
     /// Number of cached access tokens (approximate; for metrics and benches).
@@ -228,23 +272,28 @@ impl Inner {
         (!rejected && self.is_fresh(access.expires_at)).then_some(access)
     }
 
+    fn lock_uncommitted(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Uncommitted>> {
+        self.uncommitted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn load_or_refresh(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
         let _held = self.locks.lock(key).await;
+        self.commit_uncommitted(key).await?;
         let connection = self
             .store
             .load(key)
             .await
             .map_err(|e| store_failure(key, "load", e))?
             .ok_or(TokenError::NotFound)?;
-        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= self.clock.now()
-        {
+        let now = self.clock.now();
+        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= now {
             // finX has deleted a one-time flow's data by now; so does the gateway.
             if let Err(e) = self.store.delete(key).await {
                 return Err(store_failure(key, "delete expired one-time connection", e));
             }
             return Err(TokenError::NotFound);
         }
-        if connection.status != ConnectionStatus::Active {
+        if connection.status != ConnectionStatus::Active || self.dead.contains_key(key) {
             return Err(TokenError::ReauthRequired);
         }
         if let Some(access) = self.usable_stored_access(&connection) {
@@ -259,59 +308,136 @@ impl Inner {
             // A grant that came without a refresh token ends with its access token.
             return Err(TokenError::ReauthRequired);
         }
+        if let Some(until) = self.backoff_until.get(key).filter(|until| *until > now) {
+            return Err(TokenError::Unavailable {
+                retry_after_secs: (until - now) as u64,
+            });
+        }
 
-        let now = self.clock.now();
         let grant = match self.client.refresh(&connection.refresh_token, now).await {
             Ok(grant) => grant,
-            Err(failure) => return Err(self.refresh_failed(key, failure).await),
+            Err(failure) => return Err(self.refresh_failed(key, failure, now).await),
         };
-        let committed = self.commit(key, connection.version, &grant, now).await?;
+        self.backoff_until.invalidate(key);
+        let committed = match self.commit(key, connection.version, &grant, now).await {
+            Ok(committed) => committed,
+            Err(StoreError::Conflict(_)) => {
+                // The row moved (a new consent, or another process): this grant is not its own.
+                tracing::error!(connection = %key, "connection changed during a refresh; the refreshed grant is dropped");
+                return Err(TokenError::Store);
+            }
+            Err(error) => {
+                tracing::error!(connection = %key, %error, "rotated refresh token not stored yet; kept in memory, finX is not asked again until it is");
+                self.lock_uncommitted().insert(
+                    key.clone(),
+                    Uncommitted {
+                        expected_version: connection.version,
+                        grant,
+                        refreshed_at: now,
+                    },
+                );
+                return Err(TokenError::Store);
+            }
+        };
         tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
+        self.fresh_grant(&grant, committed.version)
+    }
+
+    /// Commits a grant whose earlier commit failed. `Err` while it still cannot be stored.
+    async fn commit_uncommitted(&self, key: &ConnectionKey) -> Result<(), TokenError> {
+        let Some(pending) = self.lock_uncommitted().remove(key) else {
+            return Ok(());
+        };
+        match self
+            .commit(
+                key,
+                pending.expected_version,
+                &pending.grant,
+                pending.refreshed_at,
+            )
+            .await
+        {
+            Ok(committed) => {
+                tracing::info!(connection = %key, version = committed.version, "stored a rotated refresh token after an earlier failure");
+                Ok(())
+            }
+            Err(StoreError::Conflict(_)) => {
+                tracing::error!(connection = %key, "connection changed before a pending refresh could be stored; it is dropped");
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(connection = %key, %error, "rotated refresh token still not stored");
+                self.lock_uncommitted().insert(key.clone(), pending);
+                Err(TokenError::Store)
+            }
+        }
+    }
+
+    /// The credential of a just-committed grant, if it can be used now. finX answers that are
+    /// missing an access token or expire within the refresh window are stored (their refresh
+    /// token matters) but not used: the request gets 503 instead of a token about to expire.
+    fn fresh_grant(&self, grant: &TokenGrant, version: i64) -> Result<CachedToken, TokenError> {
+        let access = &grant.access;
+        if access.token.expose_secret().is_empty() || !self.is_fresh(access.expires_at) {
+            tracing::warn!(
+                version,
+                "finX issued an access token that is missing or shorter than refresh_skew"
+            );
+            return Err(TokenError::Unavailable {
+                retry_after_secs: 1,
+            });
+        }
         cached(
-            &grant.access.token,
-            grant.access.expires_at,
-            committed.version,
+            &access.token,
+            access.expires_at,
+            version,
             TokenSource::Refresh,
         )
     }
 
     /// Persist before use: the rotated refresh token must be durable before the new access token
-    /// is handed out. A transiently unavailable store gets a few more tries, because the old
-    /// refresh token is already spent at finX.
+    /// is handed out. A transiently unavailable store gets a few quick retries.
     async fn commit(
         &self,
         key: &ConnectionKey,
         expected_version: i64,
-        grant: &crate::store::TokenGrant,
+        grant: &TokenGrant,
         now: UnixSeconds,
-    ) -> Result<Connection, TokenError> {
-        let mut backoff = Duration::from_millis(50);
-        for attempt in 1..=4 {
+    ) -> Result<Connection, StoreError> {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 1.. {
             match self
                 .store
                 .commit_refresh(key, expected_version, grant, now)
                 .await
             {
-                Ok(connection) => return Ok(connection),
                 Err(StoreError::Unavailable(reason)) if attempt < 4 => {
                     tracing::warn!(connection = %key, attempt, %reason, "retrying commit of rotated refresh token");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 4;
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
                 }
-                Err(error) => {
-                    tracing::error!(connection = %key, error = %error, "rotated refresh token could not be stored; the connection may need re-consent");
-                    return Err(TokenError::Store);
-                }
+                outcome => return outcome,
             }
         }
-        Err(TokenError::Store)
+        unreachable!("the loop returns")
     }
 
-    async fn refresh_failed(&self, key: &ConnectionKey, failure: TokenFailure) -> TokenError {
+    async fn refresh_failed(
+        &self,
+        key: &ConnectionKey,
+        failure: TokenFailure,
+        now: UnixSeconds,
+    ) -> TokenError {
         tracing::warn!(connection = %key, %failure, "finX token refresh failed");
+        let back_off = |retry_after_secs: u64| {
+            let secs = retry_after_secs.clamp(1, MAX_BACKOFF_SECS);
+            self.backoff_until.insert(key.clone(), now + secs as i64);
+            secs
+        };
         match failure {
             TokenFailure::InvalidGrant => {
-                let now = self.clock.now();
+                // Remembered first: even if the store cannot record it, finX is not asked again.
+                self.dead.insert(key.clone(), ());
                 match self
                     .store
                     .set_status(key, ConnectionStatus::ReauthRequired, now)
@@ -324,8 +450,13 @@ impl Inner {
             TokenFailure::Rejected(_) => TokenError::InvalidClient,
             TokenFailure::Unavailable {
                 retry_after_secs, ..
-            } => TokenError::Unavailable { retry_after_secs },
-            TokenFailure::Timeout => TokenError::Timeout,
+            } => TokenError::Unavailable {
+                retry_after_secs: back_off(retry_after_secs),
+            },
+            TokenFailure::Timeout => {
+                back_off(1);
+                TokenError::Timeout
+            }
         }
     }
 }

@@ -14,9 +14,13 @@ use finx_gateway::clock::{Clock, ManualClock};
 use finx_gateway::config::{Config, ConfigFile, LogFormat, SecretRef};
 use finx_gateway::sim::{SimConfig, SimControl, SimHandle};
 use finx_gateway::store::crypto::EncryptionKey;
-use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenStore};
+use finx_gateway::store::{
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, NewConnection,
+    StoreError, TokenGrant, TokenStore,
+};
 use finx_gateway::RunningGateway;
 use secrecy::{ExposeSecret, SecretString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -36,6 +40,8 @@ pub struct Harness {
     tweak: fn(&mut ConfigFile),
     /// The gateway's address, fixed across restarts because the callback URL names it.
     listen: SocketAddr,
+    /// How many of the next `commit_refresh` calls the gateway's store fails.
+    pub failing_commits: Arc<AtomicUsize>,
     /// A caller JWT of the demo service (any user, the data routes).
     pub caller_token: String,
 }
@@ -76,6 +82,7 @@ impl Harness {
             tweak,
             caller_token: String::new(),
             listen: finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("free port"),
+            failing_commits: Arc::default(),
         };
         harness.caller_token = finx_gateway::demo::mint_demo_token(&harness.config().callers, DAY)
             .expect("caller token");
@@ -128,7 +135,10 @@ impl Harness {
     pub fn start_gateway(&mut self) {
         self.stop_gateway();
         let config = self.config();
-        let store = finx_gateway::open_store(&config).expect("store opens");
+        let store: Arc<dyn TokenStore> = Arc::new(FlakyStore {
+            inner: finx_gateway::open_store(&config).expect("store opens"),
+            failing_commits: self.failing_commits.clone(),
+        });
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         self.gateway =
             Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
@@ -216,6 +226,62 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.stop_gateway();
+    }
+}
+
+/// The real store, with `commit_refresh` failing on demand as an unavailable database would.
+struct FlakyStore {
+    inner: Arc<dyn TokenStore>,
+    failing_commits: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl TokenStore for FlakyStore {
+    async fn load(&self, key: &ConnectionKey) -> Result<Option<Connection>, StoreError> {
+        self.inner.load(key).await
+    }
+    async fn put_connection(
+        &self,
+        key: &ConnectionKey,
+        new: &NewConnection,
+        now: i64,
+    ) -> Result<Connection, StoreError> {
+        self.inner.put_connection(key, new, now).await
+    }
+    async fn commit_refresh(
+        &self,
+        key: &ConnectionKey,
+        expected_version: i64,
+        grant: &TokenGrant,
+        now: i64,
+    ) -> Result<Connection, StoreError> {
+        let fail = self
+            .failing_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(StoreError::Unavailable("injected by the test".into()));
+        }
+        self.inner
+            .commit_refresh(key, expected_version, grant, now)
+            .await
+    }
+    async fn set_status(
+        &self,
+        key: &ConnectionKey,
+        status: ConnectionStatus,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.set_status(key, status, now).await
+    }
+    async fn record_sync(&self, key: &ConnectionKey, now: i64) -> Result<(), StoreError> {
+        self.inner.record_sync(key, now).await
+    }
+    async fn delete(&self, key: &ConnectionKey) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
+        self.inner.list().await
     }
 }
 
