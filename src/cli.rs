@@ -95,9 +95,12 @@ pub enum ConnectionsCommand {
         /// The user id the connection belongs to.
         #[arg(long, conflicts_with = "flow", required_unless_present = "flow")]
         user: Option<String>,
-        /// The one-time flow id the connection belongs to.
-        #[arg(long)]
+        /// The one-time flow id the connection belongs to (with --service).
+        #[arg(long, requires = "service")]
         flow: Option<String>,
+        /// The service (policy name) that owns the one-time flow.
+        #[arg(long)]
+        service: Option<String>,
     },
     /// List stored connections (never their tokens).
     List {
@@ -132,11 +135,16 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Sim(args) => crate::sim::run(args).map_err(|e| e.to_string()),
         Command::Demo(args) => crate::demo::run(args),
 
-        Command::Connections(ConnectionsCommand::Import { config, user, flow }) => {
-            let key = match (user, flow) {
-                (Some(user), _) => ConnectionKey::user(&user),
-                (None, Some(flow)) => ConnectionKey::flow(&flow),
-                (None, None) => return Err("--user or --flow is required".into()),
+        Command::Connections(ConnectionsCommand::Import {
+            config,
+            user,
+            flow,
+            service,
+        }) => {
+            let key = match (user, flow, service) {
+                (Some(user), _, _) => ConnectionKey::user(&user),
+                (None, Some(flow), Some(service)) => ConnectionKey::flow(&service, &flow),
+                _ => return Err("--user, or --flow with --service, is required".into()),
             }
             .map_err(|e| e.to_string())?;
             import(&config, key)

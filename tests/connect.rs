@@ -593,7 +593,7 @@ async fn one_time_connections_are_removed_after_their_retention() {
     let harness = Harness::start();
     let flow_id = start(&harness, "onetime/access", &body_for("onetime/access", "")).await;
     follow(&widget(&harness, &flow_id, "success").await).await;
-    let key = ConnectionKey::flow(&flow_id).unwrap();
+    let key = ConnectionKey::flow("demo-service", &flow_id).unwrap();
     assert!(harness.store().load(&key).await.unwrap().is_some());
 
     harness.advance(3601).await;
@@ -606,4 +606,82 @@ async fn one_time_connections_are_removed_after_their_retention() {
     assert_eq!(response.status(), 404);
     assert_eq!(error_code(response).await, "connection_not_found");
     assert!(harness.store().load(&key).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_cannot_swap_in_another_flow_id() {
+    let harness = Harness::start();
+    let victim = start(
+        &harness,
+        "onetime/income-report",
+        &body_for("onetime/income-report", ""),
+    )
+    .await;
+    let attacker = start(
+        &harness,
+        "onetime/income-report",
+        &body_for("onetime/income-report", ""),
+    )
+    .await;
+    let callback = widget(&harness, &attacker, "success").await;
+    // The attacker's browser returns with the victim's flow id in place of its own.
+    let mut swapped = callback.clone();
+    let pairs: Vec<(String, String)> = callback
+        .query_pairs()
+        .map(|(k, v)| {
+            let value = if k == "flow_id" {
+                victim.clone()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), value)
+        })
+        .collect();
+    swapped.query_pairs_mut().clear().extend_pairs(pairs);
+    let response = no_redirects().get(swapped.as_str()).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let victim_key = ConnectionKey::flow("demo-service", &victim).unwrap();
+    assert!(harness.store().load(&victim_key).await.unwrap().is_none());
+    assert_eq!(harness.control.stats().await.unwrap().code_grants, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_flow_belongs_to_the_service_that_started_it() {
+    let harness = Harness::with(SimConfig::default().with_control(), |file| {
+        let template = file.callers.services[0].clone();
+        file.callers
+            .services
+            .push(finx_gateway::callers::ServiceFile {
+                name: "other".into(),
+                subject: "other".into(),
+                ..template
+            });
+    });
+    let flow_id = start(&harness, "onetime/access", &body_for("onetime/access", "")).await;
+    follow(&widget(&harness, &flow_id, "success").await).await;
+    let own = use_connection(&harness, "onetime/access", "", &flow_id).await;
+    assert_eq!(own.status(), 200);
+
+    let other = harness
+        .config()
+        .callers
+        .mint(
+            "demo-hmac",
+            "demo",
+            "other",
+            None,
+            std::time::Duration::from_secs(300),
+            Default::default(),
+        )
+        .unwrap();
+    let response = harness
+        .http
+        .get(harness.url("/rest/accounts"))
+        .bearer_auth(&other)
+        .header("x-finx-flow", &flow_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(response).await, "connection_not_found");
 }

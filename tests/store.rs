@@ -146,7 +146,7 @@ async fn put_then_load_round_trips() {
     assert_eq!(loaded.created_at, NOW);
     assert_eq!(loaded.refreshed_at, None);
 
-    let flow = ConnectionKey::flow("f-1").unwrap();
+    let flow = ConnectionKey::flow("svc", "f-1").unwrap();
     fx.put(&flow, "r-flow", None).await;
     let loaded = fx.load(&flow).await;
     assert!(loaded.access.is_none());

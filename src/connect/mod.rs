@@ -3,8 +3,9 @@
 //! stores the tokens and only then sends the browser on to the service, without the code.
 //!
 //! The gateway replaces the caller's `redirect_uri` with its own callback and the caller's
-//! `state` with a signed [`state::FlowState`] that carries both originals, so the callback needs
-//! no session store. Used states are remembered until they expire.
+//! `state` with a signed [`state::FlowState`] that carries both originals. The flow id finX
+//! issues is remembered (in memory, until the state expires) under the state's id: a callback
+//! must bring a state the gateway issued, for the flow it was issued for, once.
 
 pub mod flows;
 pub mod state;
@@ -58,7 +59,9 @@ pub struct ConnectService {
     store: Arc<dyn TokenStore>,
     tokens: TokenManager,
     clock: Arc<dyn Clock>,
-    used_states: moka::sync::Cache<String, ()>,
+    /// Started flows by their state's `jti`: the flow id finX issued for it. A callback takes
+    /// its entry, which makes a state single use and binds the flow id to it.
+    pending_flows: moka::sync::Cache<String, String>,
 }
 
 fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> GatewayError {
@@ -80,7 +83,7 @@ impl ConnectService {
         tokens: TokenManager,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let used_states = moka::sync::Cache::builder()
+        let pending_flows = moka::sync::Cache::builder()
             .time_to_live(settings.state_ttl + Duration::from_secs(60))
             .max_capacity(1_000_000)
             .build();
@@ -91,7 +94,7 @@ impl ConnectService {
             store,
             tokens,
             clock,
-            used_states,
+            pending_flows,
         }
     }
 
@@ -182,6 +185,18 @@ impl ConnectService {
             .post_json(&format!("/{}", kind.name()), &Value::Object(request))
             .await
             .map_err(upstream_error)?;
+        if status == 201 {
+            let flow_id = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|answer| answer.get("id")?.as_str().map(str::to_owned));
+            match flow_id {
+                Some(flow_id) => self.pending_flows.insert(state.jti, flow_id),
+                None => tracing::warn!(
+                    flow = kind.name(),
+                    "finX started a flow without an id; it cannot complete"
+                ),
+            }
+        }
         tracing::info!(
             flow = kind.name(),
             service = caller.service(),
@@ -230,16 +245,16 @@ impl ConnectService {
         }
         let kind =
             FlowKind::from_path(&format!("/{}", state.kind)).ok_or(GatewayError::Internal)?;
-        // Single use: the first callback with this state wins, even if it then fails.
-        let first_use = self
-            .used_states
-            .entry(state.jti.clone())
-            .or_insert(())
-            .is_fresh();
-        if !first_use {
-            return Err(bad("the flow state was already used"));
+        // Single use, and bound to the flow finX started for it: the first callback with this
+        // state takes its entry, even if it then fails.
+        let started_flow = self
+            .pending_flows
+            .remove(&state.jti)
+            .ok_or_else(|| bad("the flow state is unknown or was already used"))?;
+        if flow_id.as_deref().is_some_and(|id| id != started_flow) {
+            return Err(bad("flow_id does not belong to this flow state"));
         }
-        let flow_id = flow_id.filter(|id| ConnectionKey::flow(id).is_ok());
+        let flow_id = Some(started_flow);
 
         let mut outcome = Outcome {
             success,
@@ -296,7 +311,7 @@ impl ConnectService {
     ) -> Outcome {
         let key = match (&state.user, flow_id) {
             (Some(user), _) => ConnectionKey::user(user),
-            (None, Some(flow_id)) => ConnectionKey::flow(flow_id),
+            (None, Some(flow_id)) => ConnectionKey::flow(&state.svc, flow_id),
             (None, None) => return Outcome::failed("missing_flow_id"),
         };
         let Ok(key) = key else {

@@ -117,9 +117,7 @@ impl FinxProxy {
             }
             Route::UserData => {
                 caller.authorize_route(&request.method, path)?;
-                let key = self.connection_key(request)?;
-                // One-time flow connections are authorised under their stored name, `flow:<id>`.
-                caller.authorize_user(key.as_str())?;
+                let key = self.connection_key(request, &caller)?;
                 ctx.connection = Some(key.clone());
                 ctx.credential = Some(parts.tokens.bearer(&key).await?);
                 Ok(false)
@@ -206,7 +204,13 @@ impl FinxProxy {
     }
 
     /// The connection named by exactly one of the user and flow headers.
-    fn connection_key(&self, request: &RequestHeader) -> Result<ConnectionKey, GatewayError> {
+    /// A user must be one the caller's policy allows; a one-time flow is looked up among the
+    /// caller's own flows only.
+    fn connection_key(
+        &self,
+        request: &RequestHeader,
+        caller: &Caller,
+    ) -> Result<ConnectionKey, GatewayError> {
         let single = |name: &HeaderName| -> Result<Option<&str>, GatewayError> {
             let mut values = request.headers.get_all(name).iter();
             let Some(first) = values.next() else {
@@ -229,8 +233,14 @@ impl FinxProxy {
         };
         let (user_header, flow_header) = (&self.parts.user_header, &self.parts.flow_header);
         match (single(user_header)?, single(flow_header)?) {
-            (Some(user), None) => ConnectionKey::user(user).map_err(|_| invalid(user_header)),
-            (None, Some(flow)) => ConnectionKey::flow(flow).map_err(|_| invalid(flow_header)),
+            (Some(user), None) => {
+                let key = ConnectionKey::user(user).map_err(|_| invalid(user_header))?;
+                caller.authorize_user(user)?;
+                Ok(key)
+            }
+            (None, Some(flow)) => {
+                ConnectionKey::flow(caller.service(), flow).map_err(|_| invalid(flow_header))
+            }
             (Some(_), Some(_)) => Err(GatewayError::BadRequest(
                 format!("send either {user_header} or {flow_header}, not both").into(),
             )),

@@ -348,7 +348,7 @@ mod tests {
                 .unwrap_err(),
             DecryptError
         );
-        let flow = ConnectionKey::flow("alice").unwrap();
+        let flow = ConnectionKey::flow("svc", "alice").unwrap();
         assert!(key
             .open_token(&flow, TokenColumn::RefreshToken, &sealed)
             .is_err());

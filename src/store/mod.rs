@@ -15,10 +15,10 @@ use secrecy::SecretString;
 
 use crate::clock::UnixSeconds;
 
-/// Identifies one finX connection: an ongoing user (`user_id`) or a one-time flow (`flow:<id>`).
+/// Identifies one finX connection: an ongoing user (`user_id`) or a one-time flow
+/// (`flow:<owner>/<flow_id>`).
 ///
-/// User ids are validated by [`ConnectionKey::user`] so they can never contain `:`, which keeps
-/// the two namespaces apart.
+/// Ids are validated so they can never contain `:` or `/`, which keeps the namespaces apart.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionKey(Arc<str>);
 
@@ -45,19 +45,23 @@ impl ConnectionKey {
         }
     }
 
-    /// The connection of a one-time flow.
-    pub fn flow(flow_id: &str) -> Result<Self, InvalidId> {
-        if valid_id(flow_id) {
-            Ok(Self(Arc::from(format!("flow:{flow_id}"))))
+    /// The connection of a one-time flow, owned by the service (policy name) that started it:
+    /// other services name a different key, so they cannot reach it.
+    pub fn flow(owner: &str, flow_id: &str) -> Result<Self, InvalidId> {
+        if valid_id(owner) && valid_id(flow_id) {
+            Ok(Self(Arc::from(format!("flow:{owner}/{flow_id}"))))
         } else {
             Err(InvalidId)
         }
     }
 
-    /// Rebuilds a key from its stored form (`user_id` or `flow:<id>`).
+    /// Rebuilds a key from its stored form (`user_id` or `flow:<owner>/<flow_id>`).
     pub fn from_stored(stored: &str) -> Result<Self, InvalidId> {
         match stored.strip_prefix("flow:") {
-            Some(flow_id) => Self::flow(flow_id),
+            Some(flow) => {
+                let (owner, flow_id) = flow.split_once('/').ok_or(InvalidId)?;
+                Self::flow(owner, flow_id)
+            }
             None => Self::user(stored),
         }
     }
