@@ -185,6 +185,7 @@ fn load(path: &Path) -> Result<Config, String> {
 fn serve(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     let _log_writer = crate::telemetry::init(&config.telemetry);
+    let _serving = crate::lock_store_for_serving(&config).map_err(|e| e.to_string())?;
     let store = crate::open_store(&config).map_err(|e| e.to_string())?;
     let (server, _tokens) =
         crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;

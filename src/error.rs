@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::callers::AuthError;
-use crate::store::StoreError;
 use crate::tokens::TokenError;
 
 /// An error the gateway answers itself, as `{"error": {"code", "message"}}`.
@@ -184,12 +183,6 @@ impl From<AuthError> for GatewayError {
                 retry_after_secs: *retry_after_secs,
             },
         }
-    }
-}
-
-impl From<StoreError> for GatewayError {
-    fn from(_: StoreError) -> Self {
-        Self::StoreUnavailable
     }
 }
 

@@ -54,6 +54,39 @@ pub enum StartError {
     Setup(String),
 }
 
+/// Proof that this process is the one serving a store: the embedded store is for one gateway
+/// process, because two would refresh the same connections without knowing of each other.
+/// Operator commands (`connections import`, `list`) open the store without it.
+pub struct ServingLock {
+    _file: std::fs::File,
+}
+
+/// Takes the store's serving lock (`<store>.lock`), or says which store is already served.
+pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
+    let mut path = config.store.path.clone().into_os_string();
+    path.push(".lock");
+    let path = std::path::PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StartError::Store(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(ServingLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Store(format!(
+            "another finx-gateway process is serving the token store {} (lock {}); one store \
+             serves one gateway process",
+            config.store.path.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StartError::Store(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// Opens the configured token store; a key that does not match the store refuses to open.
 pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
     let key = config
@@ -83,14 +116,23 @@ pub fn build_token_manager(
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<TokenManager, StartError> {
-    Ok(TokenManager::new(
+    Ok(token_manager(config, store, clock, token_client(config)?))
+}
+
+fn token_manager(
+    config: &Config,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+    client: TokenClient,
+) -> TokenManager {
+    TokenManager::new(
         store,
-        token_client(config)?,
+        client,
         clock,
         config.tokens.refresh_skew,
         config.tokens.one_time_retention,
         config.tokens.cache_capacity,
-    ))
+    )
 }
 
 /// Builds the pingora server with the proxy service listening on `config.listen`; returns it
@@ -100,17 +142,18 @@ pub fn build_server(
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<(Server, TokenManager), StartError> {
-    let tokens = build_token_manager(config, store.clone(), clock.clone())?;
-    let connect = match &config.connect {
-        Some(settings) => Some(Arc::new(ConnectService::new(
+    // One client, one connection pool to finX, for refreshes, code exchanges and flow starts.
+    let client = token_client(config)?;
+    let tokens = token_manager(config, store.clone(), clock.clone(), client.clone());
+    let connect = config.connect.as_ref().map(|settings| {
+        Arc::new(ConnectService::new(
             settings.clone(),
-            token_client(config)?,
+            client,
             store,
             tokens.clone(),
             clock,
-        ))),
-        None => None,
-    };
+        ))
+    });
     let server = build_proxy_server(config, tokens.clone(), connect)?;
     Ok((server, tokens))
 }
@@ -186,6 +229,7 @@ impl ShutdownSignalWatch for ChannelShutdown {
 /// A gateway running on a thread of its own (pingora builds its own runtimes), as tests, the
 /// demo and the benches use it. Dropping it stops the server.
 pub struct RunningGateway {
+    _serving: ServingLock,
     addr: SocketAddr,
     tokens: TokenManager,
     shutdown: Option<oneshot::Sender<()>>,
@@ -200,6 +244,7 @@ impl RunningGateway {
         store: Arc<dyn TokenStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartError> {
+        let serving = lock_store_for_serving(&config)?;
         if config.listen.port() == 0 {
             config.listen = reserve_port(config.listen.ip())?;
         }
@@ -214,6 +259,7 @@ impl RunningGateway {
             })
             .map_err(|e| StartError::Setup(format!("cannot start server thread: {e}")))?;
         let running = Self {
+            _serving: serving,
             addr: config.listen,
             tokens,
             shutdown: Some(shutdown),

@@ -531,3 +531,30 @@ async fn a_rotated_token_the_store_refused_is_committed_before_finx_is_asked_aga
     let stats = harness.control.user_stats("olga").await.unwrap();
     assert_eq!((stats.refresh_grants, stats.refresh_reuse_detected), (2, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_store_is_refused() {
+    let harness = Harness::start();
+    let mut config = harness.config();
+    config.listen = finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).unwrap();
+    let store = finx_gateway::open_store(&config).unwrap();
+    let clock: std::sync::Arc<dyn finx_gateway::clock::Clock> =
+        std::sync::Arc::new(harness.clock.clone());
+    let refused = finx_gateway::RunningGateway::start(config, store, clock);
+    let message = refused.err().expect("second gateway refused").to_string();
+    assert!(
+        message.contains("another finx-gateway process"),
+        "{message}"
+    );
+    // The first keeps serving.
+    assert_eq!(
+        harness
+            .http
+            .get(harness.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

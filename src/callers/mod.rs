@@ -410,8 +410,9 @@ impl CallerAuth {
 
     /// Authenticates a request from its headers at time `now_unix` (seconds).
     ///
-    /// Hot path: beyond jsonwebtoken's own decoding this allocates nothing, and the only I/O is
-    /// the JWKS mtime check, at most once per poll interval across all threads.
+    /// Hot path: a token seen before (within its validity) costs one cache lookup; a new one is
+    /// verified in full and remembered. The only I/O is the JWKS mtime check, at most once per
+    /// poll interval across all threads.
     pub fn authenticate(&self, headers: &HeaderMap, now_unix: i64) -> Result<Caller, AuthError> {
         if let Mode::TrustedLocal(policy) = &self.mode {
             return Ok(Caller {

@@ -127,7 +127,7 @@ async fn accounts_page(origin: &str, parts: &ProxyParts) -> String {
                 "<tr><td>{}</td><td>{}</td><td class=\"balance\">{} {}</td></tr>",
                 escape(account["name"].as_str().unwrap_or("")),
                 escape(account["iban"].as_str().unwrap_or("")),
-                account["balance"]["balance"],
+                escape(&account["balance"]["balance"].to_string()),
                 escape(account["balance"]["currency"].as_str().unwrap_or("")),
             )
         })

@@ -75,8 +75,8 @@ impl FinxProxy {
     ) -> Result<bool, GatewayError> {
         let parts = &self.parts;
         let request = session.req_header();
-        // Judge the bytes pingora will send to finX, not the parsed URI: an unparsable target
-        // (`\auth\token`) is forwarded verbatim.
+        // Judge the request target as received (pingora's raw target), not the parsed URI,
+        // which a target such as `\auth\token` does not even produce.
         let path = routes::request_path(request.raw_path())?;
         let callback_path = parts
             .connect

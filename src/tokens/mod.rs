@@ -463,7 +463,11 @@ impl Inner {
 
 fn store_failure(key: &ConnectionKey, operation: &'static str, error: StoreError) -> TokenError {
     tracing::error!(connection = %key, operation, %error, "token store failure");
-    TokenError::Store
+    match error {
+        // Retrying cannot help an unreadable row: it is a fault to investigate, not an outage.
+        StoreError::Corrupt(_) => TokenError::Internal,
+        _ => TokenError::Store,
+    }
 }
 
 fn cached(
