@@ -783,7 +783,8 @@ impl Caller {
         self.used_proxy_authorization
     }
 
-    /// Allows `method` on the normalised `path` (without query) if a route pattern matches.
+    /// Allows `method` on `path` as sent (percent-encoding kept, without query) if a route
+    /// pattern matches; a path that would only match once decoded does not (fail closed).
     pub fn authorize_route(&self, method: &Method, path: &str) -> Result<(), AuthError> {
         if self.policy.allows_route(method, path) {
             Ok(())

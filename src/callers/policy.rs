@@ -64,7 +64,8 @@ enum Segment {
     Rest,
 }
 
-/// `METHOD /path/pattern`, matched against the gateway's already-normalised path.
+/// `METHOD /path/pattern`, matched against the path as sent (the gateway has already refused
+/// ambiguous spellings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RoutePattern {
     /// `None` matches any method.

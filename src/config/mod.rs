@@ -435,6 +435,9 @@ fn validate_connect(
         }
     }
     let state_ttl = file.state_ttl.unwrap_or(Duration::from_secs(30 * 60));
+    if state_ttl.is_zero() || state_ttl > Duration::from_secs(24 * 3600) {
+        errors.push("connect.state_ttl: between 1 second and 24 hours".into());
+    }
     if errors.len() > before {
         return None;
     }

@@ -101,6 +101,7 @@ impl FinxProxy {
             _ => {}
         }
 
+        // Caller JWTs are judged by the wall clock, not the token clock tests may move.
         let caller = parts
             .callers
             .authenticate(&request.headers, SystemClock.now())?;
