@@ -158,31 +158,49 @@ pub fn build_server(
     Ok((server, tokens))
 }
 
-fn build_proxy_server(
-    config: &Config,
-    tokens: TokenManager,
-    connect: Option<Arc<ConnectService>>,
-) -> Result<Server, StartError> {
-    let mut server_conf = ServerConf {
+/// The pingora server (runtime, threads, upstream pool) for `config`, bootstrapped, without
+/// services. Shared with the load bench's plain passthrough so both run the same pingora.
+pub fn pingora_server(config: &Config) -> Server {
+    let server_conf = ServerConf {
         threads: config.server.threads,
+        work_stealing: true,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: config.upstream.pool_size,
         ..ServerConf::default()
     };
-    server_conf.work_stealing = true;
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
+    server
+}
 
+/// The pre-built finX peer: resolved address (no DNS per request), TLS with certificate and
+/// host name verification, timeouts.
+pub fn upstream_peer(config: &Config) -> HttpPeer {
     let upstream = &config.upstream;
     let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
     peer.options.connection_timeout = Some(upstream.connect_timeout);
     peer.options.read_timeout = Some(upstream.read_timeout);
     peer.options.write_timeout = Some(upstream.read_timeout);
     peer.options.idle_timeout = Some(Duration::from_secs(60));
+    peer
+}
 
-    let host = HeaderValue::try_from(upstream.host_header.as_str())
-        .map_err(|_| StartError::Setup("upstream host is not a valid Host header".into()))?;
+/// finX's `Host` header value.
+pub fn upstream_host(config: &Config) -> Result<HeaderValue, StartError> {
+    HeaderValue::try_from(config.upstream.host_header.as_str())
+        .map_err(|_| StartError::Setup("upstream host is not a valid Host header".into()))
+}
+
+fn build_proxy_server(
+    config: &Config,
+    tokens: TokenManager,
+    connect: Option<Arc<ConnectService>>,
+) -> Result<Server, StartError> {
+    let mut server = pingora_server(config);
+    let upstream = &config.upstream;
+    let peer = upstream_peer(config);
+    let host = upstream_host(config)?;
     let credentials = format!(
         "{}:{}",
         config.client.id,

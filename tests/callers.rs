@@ -6,14 +6,14 @@ mod support;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use finx_gateway::callers::{RateLimitFile, ServiceFile};
+use finx_gateway::callers::RateLimitFile;
 use finx_gateway::config::ConfigFile;
 use finx_gateway::sim::SimConfig;
 use futures::future::join_all;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use support::{error_code, Harness};
+use support::{add_service_like_demo, error_code, Harness};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -25,22 +25,12 @@ fn now() -> i64 {
 /// Adds a backend-for-frontend that may act only for the user named in its token's `user` claim,
 /// and a rate-limited service.
 fn with_bff_and_limited(file: &mut ConfigFile) {
-    let template = file.callers.services[0].clone();
-    file.callers.services.push(ServiceFile {
-        name: "bff".into(),
-        subject: "bff".into(),
-        connections: vec!["claim:user".into()],
-        routes: vec!["GET /rest/**".into()],
-        ..template.clone()
-    });
-    file.callers.services.push(ServiceFile {
-        name: "limited".into(),
-        subject: "limited".into(),
-        rate_limit: Some(RateLimitFile {
-            per_second: 1,
-            burst: Some(2),
-        }),
-        ..template
+    let bff = add_service_like_demo(file, "bff");
+    bff.connections = vec!["claim:user".into()];
+    bff.routes = vec!["GET /rest/**".into()];
+    add_service_like_demo(file, "limited").rate_limit = Some(RateLimitFile {
+        per_second: 1,
+        burst: Some(2),
     });
 }
 

@@ -7,7 +7,7 @@ mod support;
 use finx_gateway::sim::SimConfig;
 use finx_gateway::store::ConnectionKey;
 use serde_json::{json, Value};
-use support::{error_code, Harness, APP_RETURN};
+use support::{add_service_like_demo, error_code, Harness, APP_RETURN};
 use url::Url;
 
 /// A client that does not follow redirects, like a test of where they point.
@@ -390,14 +390,7 @@ async fn an_expired_code_or_a_failing_exchange_returns_success_false() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     let harness = Harness::with(SimConfig::default().with_control(), |file| {
-        let template = file.callers.services[0].clone();
-        file.callers
-            .services
-            .push(finx_gateway::callers::ServiceFile {
-                name: "other".into(),
-                subject: "other".into(),
-                ..template
-            });
+        add_service_like_demo(file, "other");
     });
     let flow_id = start(
         &harness,
@@ -409,18 +402,7 @@ async fn server_to_server_callback_answers_json_and_binds_the_caller() {
     let query = callback.query().unwrap().to_owned();
 
     // Another service cannot complete this flow.
-    let other = harness
-        .config()
-        .callers
-        .mint(
-            "demo-hmac",
-            "demo",
-            "other",
-            None,
-            std::time::Duration::from_secs(300),
-            Default::default(),
-        )
-        .unwrap();
+    let other = harness.token_for("other");
     let response = harness
         .http
         .post(harness.url("/callback"))
@@ -492,29 +474,11 @@ async fn reconsent_replaces_a_dead_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_are_checked_against_the_callers_policy() {
     let harness = Harness::with(SimConfig::default().with_control(), |file| {
-        let template = file.callers.services[0].clone();
-        file.callers
-            .services
-            .push(finx_gateway::callers::ServiceFile {
-                name: "reader".into(),
-                subject: "reader".into(),
-                flows: vec!["onetime/access".into()],
-                connections: vec!["reader-*".into()],
-                ..template
-            });
+        let reader = add_service_like_demo(file, "reader");
+        reader.flows = vec!["onetime/access".into()];
+        reader.connections = vec!["reader-*".into()];
     });
-    let reader = harness
-        .config()
-        .callers
-        .mint(
-            "demo-hmac",
-            "demo",
-            "reader",
-            None,
-            std::time::Duration::from_secs(300),
-            Default::default(),
-        )
-        .unwrap();
+    let reader = harness.token_for("reader");
     let post = |path: &str, body: Value| {
         harness
             .http
@@ -648,32 +612,14 @@ async fn a_callback_cannot_swap_in_another_flow_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_time_flow_belongs_to_the_service_that_started_it() {
     let harness = Harness::with(SimConfig::default().with_control(), |file| {
-        let template = file.callers.services[0].clone();
-        file.callers
-            .services
-            .push(finx_gateway::callers::ServiceFile {
-                name: "other".into(),
-                subject: "other".into(),
-                ..template
-            });
+        add_service_like_demo(file, "other");
     });
     let flow_id = start(&harness, "onetime/access", &body_for("onetime/access", "")).await;
     follow(&widget(&harness, &flow_id, "success").await).await;
     let own = use_connection(&harness, "onetime/access", "", &flow_id).await;
     assert_eq!(own.status(), 200);
 
-    let other = harness
-        .config()
-        .callers
-        .mint(
-            "demo-hmac",
-            "demo",
-            "other",
-            None,
-            std::time::Duration::from_secs(300),
-            Default::default(),
-        )
-        .unwrap();
+    let other = harness.token_for("other");
     let response = harness
         .http
         .get(harness.url("/rest/accounts"))

@@ -14,8 +14,7 @@ use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{http_proxy_service_with_name, ProxyHttp, Session};
-use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use pingora::Result;
 use tokio::sync::oneshot;
 
@@ -69,25 +68,10 @@ impl Passthrough {
     /// Starts the passthrough for the upstream, server and pool settings of `config`.
     pub fn start(config: &Config) -> Result<Self, String> {
         let addr = finx_gateway::reserve_port(config.listen.ip()).map_err(|e| e.to_string())?;
-        // Mirrors `finx_gateway::build_server`.
-        let mut server_conf = ServerConf {
-            threads: config.server.threads,
-            grace_period_seconds: Some(config.server.grace_period.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(1),
-            upstream_keepalive_pool_size: config.upstream.pool_size,
-            ..ServerConf::default()
-        };
-        server_conf.work_stealing = true;
-        let mut server = Server::new_with_opt_and_conf(None, server_conf);
-        server.bootstrap();
-        let upstream = &config.upstream;
-        let mut peer = HttpPeer::new(upstream.address, upstream.tls, upstream.sni.clone());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.read_timeout = Some(upstream.read_timeout);
-        peer.options.write_timeout = Some(upstream.read_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        let host = HeaderValue::try_from(upstream.host_header.as_str())
-            .map_err(|_| "upstream host is not a valid Host header".to_owned())?;
+        // The gateway's own server and peer set-up: only the proxy logic differs.
+        let mut server = finx_gateway::pingora_server(config);
+        let peer = finx_gateway::upstream_peer(config);
+        let host = finx_gateway::upstream_host(config).map_err(|e| e.to_string())?;
         let mut service = http_proxy_service_with_name(
             &server.configuration,
             HostOnlyProxy { peer, host },

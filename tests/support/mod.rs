@@ -206,6 +206,21 @@ impl Harness {
         grant
     }
 
+    /// A caller JWT for another service (`sub` = `subject`) signed with the demo key.
+    pub fn token_for(&self, subject: &str) -> String {
+        self.config()
+            .callers
+            .mint(
+                "demo-hmac",
+                "demo",
+                subject,
+                None,
+                Duration::from_secs(300),
+                Default::default(),
+            )
+            .expect("caller token")
+    }
+
     /// A request through the gateway carrying the caller token.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
@@ -283,6 +298,22 @@ impl TokenStore for FlakyStore {
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.inner.list().await
     }
+}
+
+/// Adds to `file` a service named and identified `name`, with the demo service's rights.
+pub fn add_service_like_demo<'f>(
+    file: &'f mut ConfigFile,
+    name: &str,
+) -> &'f mut finx_gateway::callers::ServiceFile {
+    let template = file.callers.services[0].clone();
+    file.callers
+        .services
+        .push(finx_gateway::callers::ServiceFile {
+            name: name.into(),
+            subject: name.into(),
+            ..template
+        });
+    file.callers.services.last_mut().expect("just pushed")
 }
 
 /// A gateway error body's code.
