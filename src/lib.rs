@@ -230,7 +230,7 @@ fn build_proxy_server(
     Ok(server)
 }
 
-/// Stops a server started by [`RunningGateway::start`] when its sender fires or is dropped.
+/// Stops a server run by [`ServerThread`] when its sender fires or is dropped.
 struct ChannelShutdown(Mutex<Option<oneshot::Receiver<()>>>);
 
 #[async_trait]
@@ -244,14 +244,60 @@ impl ShutdownSignalWatch for ChannelShutdown {
     }
 }
 
-/// A gateway running on a thread of its own (pingora builds its own runtimes), as tests, the
-/// demo and the benches use it. Dropping it stops the server.
-pub struct RunningGateway {
-    _serving: ServingLock,
+/// A pingora server running on a thread of its own (pingora builds its own runtimes), stopped
+/// with a fast shutdown when this is dropped. Used by [`RunningGateway`] and the load bench's
+/// passthrough.
+pub struct ServerThread {
     addr: SocketAddr,
-    tokens: TokenManager,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Runs `server`, whose listener is `addr`, on a thread named `name`; returns once the
+    /// listener accepts connections.
+    pub fn spawn(server: Server, addr: SocketAddr, name: &str) -> Result<Self, StartError> {
+        let (shutdown, receiver) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelShutdown(Mutex::new(Some(receiver)))),
+                })
+            })
+            .map_err(|e| StartError::Setup(format!("cannot start server thread: {e}")))?;
+        let running = Self {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        };
+        wait_until_accepting(addr, Duration::from_secs(10))?;
+        Ok(running)
+    }
+
+    /// Where the server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The gateway on a thread of its own, as tests, the demo and the benches run it. Dropping it
+/// stops the server, then releases the store's serving lock.
+pub struct RunningGateway {
+    server: ServerThread,
+    tokens: TokenManager,
+    _serving: ServingLock,
 }
 
 impl RunningGateway {
@@ -267,34 +313,21 @@ impl RunningGateway {
             config.listen = reserve_port(config.listen.ip())?;
         }
         let (server, tokens) = build_server(&config, store, clock)?;
-        let (shutdown, receiver) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("finx-gateway".into())
-            .spawn(move || {
-                server.run(RunArgs {
-                    shutdown_signal: Box::new(ChannelShutdown(Mutex::new(Some(receiver)))),
-                })
-            })
-            .map_err(|e| StartError::Setup(format!("cannot start server thread: {e}")))?;
-        let running = Self {
-            _serving: serving,
-            addr: config.listen,
+        Ok(Self {
+            server: ServerThread::spawn(server, config.listen, "finx-gateway")?,
             tokens,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        };
-        wait_until_accepting(running.addr, Duration::from_secs(10))?;
-        Ok(running)
+            _serving: serving,
+        })
     }
 
     /// Where the gateway listens.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://ip:port`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.addr())
     }
 
     /// The gateway's token manager (for benches and metrics).
@@ -303,23 +336,8 @@ impl RunningGateway {
     }
 
     /// Stops the server and waits for its thread.
-    pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
-    fn stop_inner(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for RunningGateway {
-    fn drop(&mut self) {
-        self.stop_inner();
+    pub fn stop(self) {
+        drop(self);
     }
 }
 

@@ -92,6 +92,24 @@ async fn follow(url: &Url) -> Url {
     Url::parse(response.headers()["location"].to_str().unwrap()).unwrap()
 }
 
+/// `url` with the value of its query parameter `name` replaced.
+fn with_param(url: &Url, name: &str, value: &str) -> Url {
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == name {
+                value.to_owned()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    let mut replaced = url.clone();
+    replaced.query_pairs_mut().clear().extend_pairs(pairs);
+    replaced
+}
+
 fn param(url: &Url, name: &str) -> Option<String> {
     url.query_pairs()
         .find(|(key, _)| key == name)
@@ -273,19 +291,7 @@ async fn replayed_tampered_and_expired_states_are_refused() {
     };
     let mut tampered_state = state.clone();
     tampered_state.replace_range(middle..=middle, flipped);
-    let mut tampered = callback.clone();
-    let pairs: Vec<(String, String)> = callback
-        .query_pairs()
-        .map(|(k, v)| {
-            let value = if k == "state" {
-                tampered_state.clone()
-            } else {
-                v.into_owned()
-            };
-            (k.into_owned(), value)
-        })
-        .collect();
-    tampered.query_pairs_mut().clear().extend_pairs(pairs);
+    let tampered = with_param(&callback, "state", &tampered_state);
     let response = no_redirects().get(tampered.as_str()).send().await.unwrap();
     assert_eq!(response.status(), 400);
 
@@ -589,19 +595,7 @@ async fn a_callback_cannot_swap_in_another_flow_id() {
     .await;
     let callback = widget(&harness, &attacker, "success").await;
     // The attacker's browser returns with the victim's flow id in place of its own.
-    let mut swapped = callback.clone();
-    let pairs: Vec<(String, String)> = callback
-        .query_pairs()
-        .map(|(k, v)| {
-            let value = if k == "flow_id" {
-                victim.clone()
-            } else {
-                v.into_owned()
-            };
-            (k.into_owned(), value)
-        })
-        .collect();
-    swapped.query_pairs_mut().clear().extend_pairs(pairs);
+    let swapped = with_param(&callback, "flow_id", &victim);
     let response = no_redirects().get(swapped.as_str()).send().await.unwrap();
     assert_eq!(response.status(), 400);
     let victim_key = ConnectionKey::flow("demo-service", &victim).unwrap();

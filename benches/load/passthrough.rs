@@ -3,20 +3,16 @@
 //! pre-built `HttpPeer`, that only sets `Host`. No caller auth, no routing, no tokens.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use finx_gateway::config::Config;
+use finx_gateway::ServerThread;
 use http::header::HOST;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{http_proxy_service_with_name, ProxyHttp, Session};
-use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use pingora::Result;
-use tokio::sync::oneshot;
 
 struct HostOnlyProxy {
     peer: HttpPeer,
@@ -43,25 +39,9 @@ impl ProxyHttp for HostOnlyProxy {
     }
 }
 
-/// Stops the server when the sender fires or is dropped (as `RunningGateway` does).
-struct ChannelShutdown(Mutex<Option<oneshot::Receiver<()>>>);
-
-#[async_trait]
-impl ShutdownSignalWatch for ChannelShutdown {
-    async fn recv(&self) -> ShutdownSignal {
-        let receiver = self.0.lock().ok().and_then(|mut r| r.take());
-        if let Some(receiver) = receiver {
-            let _ = receiver.await;
-        }
-        ShutdownSignal::FastShutdown
-    }
-}
-
 /// A running passthrough proxy; dropping it stops the server and joins its thread.
 pub struct Passthrough {
-    addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl Passthrough {
@@ -79,37 +59,11 @@ impl Passthrough {
         );
         service.add_tcp(&addr.to_string());
         server.add_service(service);
-        let (shutdown, receiver) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("passthrough".into())
-            .spawn(move || {
-                server.run(RunArgs {
-                    shutdown_signal: Box::new(ChannelShutdown(Mutex::new(Some(receiver)))),
-                })
-            })
-            .map_err(|e| format!("cannot start passthrough thread: {e}"))?;
-        let running = Self {
-            addr,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        };
-        finx_gateway::wait_until_accepting(addr, Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        Ok(running)
+        let server = ServerThread::spawn(server, addr, "passthrough").map_err(|e| e.to_string())?;
+        Ok(Self { server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for Passthrough {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.server.addr()
     }
 }
