@@ -154,14 +154,7 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         .build()
         .map_err(|e| e.to_string())?;
     let control = sim.control();
-    let caller_bearer = format!(
-        "Bearer {}",
-        finx_gateway::demo::mint_demo_token(
-            &config.callers,
-            std::time::Duration::from_secs(24 * 3600)
-        )
-        .map_err(|e| e.to_string())?
-    );
+    let caller_bearer = caller_bearer(&config)?;
     let scripts = tempfile::Builder::new()
         .prefix("finx-bench-scripts-")
         .tempdir()
@@ -485,14 +478,7 @@ fn cached_connection_memory(
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
     let config: Config = files.config(&sim.base_url(), sim_config, None)?;
     // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
-    let caller_bearer = format!(
-        "Bearer {}",
-        finx_gateway::demo::mint_demo_token(
-            &config.callers,
-            std::time::Duration::from_secs(24 * 3600)
-        )
-        .map_err(|e| e.to_string())?
-    );
+    let caller_bearer = caller_bearer(&config)?;
     let clock = ManualClock::default();
     let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
     let gateway = started_on(layout.servers, layout.load, || {
@@ -897,6 +883,15 @@ async fn burst(
         calm_requests,
         calm_p99_ms,
     })
+}
+
+/// `Bearer <caller JWT>` of the demo service, for a gateway running `config`.
+fn caller_bearer(config: &Config) -> BenchResult<String> {
+    let token = finx_gateway::demo::mint_demo_token(
+        &config.callers,
+        std::time::Duration::from_secs(24 * 3600),
+    )?;
+    Ok(format!("Bearer {token}"))
 }
 
 /// Moves the simulator's and the gateway's clocks forward together.
