@@ -66,7 +66,8 @@ fn token_cache_hit(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let store = finx_gateway::open_store(&config).expect("store opens");
+    let store =
+        finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).expect("store opens");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let tokens: TokenManager =
         finx_gateway::build_token_manager(&config, store.clone(), clock.clone()).unwrap();

@@ -143,7 +143,8 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
     let config = files.config(&sim.base_url(), &sim_config, threads)?;
     let clock = ManualClock::default();
-    let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
+    let store = finx_gateway::open_store(&config, finx_gateway::OpenWait::Once)
+        .map_err(|e| e.to_string())?;
     let gateway = RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
         .map_err(|e| e.to_string())?;
     let passthrough = passthrough::Passthrough::start(&config)?;
@@ -480,7 +481,8 @@ fn cached_connection_memory(
     // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
     let caller_bearer = caller_bearer(&config)?;
     let clock = ManualClock::default();
-    let store = finx_gateway::open_store(&config).map_err(|e| e.to_string())?;
+    let store = finx_gateway::open_store(&config, finx_gateway::OpenWait::Once)
+        .map_err(|e| e.to_string())?;
     let gateway = started_on(layout.servers, layout.load, || {
         RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
     })

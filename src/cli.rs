@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config`, `sim`, `demo`, `connections`, `key`.
+//! The command line: `serve`, `check-config`, `sim`, `demo`, `connections`, `key`, `store`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::store::crypto::EncryptionKey;
-use crate::store::{ConnectionKey, NewConnection, TokenStore};
+use crate::store::postgres::{OpenWait, PostgresStore};
+use crate::store::{ConnectionKey, CopyOutcome, NewConnection, TokenStore};
 
 /// finx-gateway: a pingora sidecar that injects per-user finX bearer tokens.
 #[derive(Parser, Debug)]
@@ -46,6 +47,9 @@ pub enum Command {
     /// Encryption keys for the token store.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The token store itself: schema migrations, copying between stores.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Caller tokens (development helpers).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -106,6 +110,26 @@ pub enum ConnectionsCommand {
     List {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+/// `store …`
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Apply pending schema migrations (PostgreSQL; an embedded store migrates when opened).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Copy every connection from one store to another (any kinds), re-encrypting with the
+    /// target's key; a target row written later than its source is left alone.
+    Copy {
+        /// The config whose `[store]` is read.
+        #[arg(long)]
+        from: PathBuf,
+        /// The config whose `[store]` is written.
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -171,6 +195,8 @@ fn execute(command: Command) -> Result<(), String> {
             println!("{token}");
             Ok(())
         }
+        Command::Store(StoreCommand::Migrate { config }) => migrate(&config),
+        Command::Store(StoreCommand::Copy { from, to }) => copy(&from, &to),
         Command::Key(KeyCommand::Generate) => {
             println!("{}", EncryptionKey::generate().to_base64().expose_secret());
             Ok(())
@@ -186,7 +212,8 @@ fn serve(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     let _log_writer = crate::telemetry::init(&config.telemetry);
     let _serving = crate::lock_store_for_serving(&config).map_err(|e| e.to_string())?;
-    let store = crate::open_store(&config).map_err(|e| e.to_string())?;
+    tracing::info!(store = %config.store.describe(), "opening the token store");
+    let store = crate::open_store(&config, OpenWait::UntilReachable).map_err(|e| e.to_string())?;
     let (server, _tokens) =
         crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, "finx-gateway serving");
@@ -200,7 +227,7 @@ fn check_config(path: &Path) -> Result<(), String> {
         path.display(),
         config.listen,
         config.upstream.base_url,
-        config.store.path.display()
+        config.store.describe()
     );
     Ok(())
 }
@@ -210,12 +237,88 @@ fn with_store<T>(
     work: impl AsyncFnOnce(Arc<dyn TokenStore>) -> Result<T, String>,
 ) -> Result<T, String> {
     let config = load(path)?;
-    let store = crate::open_store(&config).map_err(|e| e.to_string())?;
+    let store = crate::open_store(&config, OpenWait::Once).map_err(|e| e.to_string())?;
+    block_on(work(store))
+}
+
+fn block_on<T>(work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?
-        .block_on(work(store))
+        .block_on(work)
+}
+
+fn migrate(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    match &config.store.backend {
+        StoreBackend::Postgres(settings) => {
+            let applied = block_on(async {
+                PostgresStore::migrate_only(settings)
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
+            println!("store migrated: {applied} migration(s) applied");
+        }
+        StoreBackend::Sqlite { .. } => {
+            // Opening migrates an embedded store.
+            crate::open_store(&config, OpenWait::Once).map_err(|e| e.to_string())?;
+            println!("store migrated (embedded store, schema current)");
+        }
+    }
+    Ok(())
+}
+
+/// `store copy`: every connection, decrypted with the source's key and sealed with the
+/// target's; a progress bar on a terminal, a summary line always.
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    let source_config = load(from)?;
+    let target_config = load(to)?;
+    let source = crate::open_store(&source_config, OpenWait::Once)
+        .map_err(|e| format!("source store: {e}"))?;
+    let target = crate::open_store(&target_config, OpenWait::Once)
+        .map_err(|e| format!("target store: {e}"))?;
+    block_on(async move {
+        let summaries = source
+            .list()
+            .await
+            .map_err(|e| format!("source store: {e}"))?;
+        let progress = indicatif::ProgressBar::new(summaries.len() as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} connections {msg}")
+                .map_err(|e| e.to_string())?,
+        );
+        let (mut written, mut kept, mut vanished) = (0u64, Vec::new(), 0u64);
+        for summary in summaries {
+            progress.inc(1);
+            let Some(connection) = source
+                .load(&summary.key)
+                .await
+                .map_err(|e| format!("source store, connection {}: {e}", summary.key))?
+            else {
+                vanished += 1; // deleted while copying
+                continue;
+            };
+            match target
+                .copy_in(&connection)
+                .await
+                .map_err(|e| format!("target store, connection {}: {e}", summary.key))?
+            {
+                CopyOutcome::Written => written += 1,
+                CopyOutcome::TargetNewer => kept.push(summary.key),
+            }
+        }
+        progress.finish_and_clear();
+        println!(
+            "copied {written} connection(s); {} left alone because the target's row is newer; \
+             {vanished} deleted during the copy",
+            kept.len()
+        );
+        for key in kept {
+            println!("  target newer, not overwritten: {key}");
+        }
+        Ok(())
+    })
 }
 
 fn import(path: &Path, key: ConnectionKey) -> Result<(), String> {

@@ -34,9 +34,11 @@ use secrecy::ExposeSecret;
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::connect::ConnectService;
 use crate::proxy::{FinxProxy, ProxyParts};
+pub use crate::store::postgres::OpenWait;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::TokenStore;
 use crate::tokens::{TokenClient, TokenManager};
@@ -54,16 +56,21 @@ pub enum StartError {
     Setup(String),
 }
 
-/// Proof that this process is the one serving a store: the embedded store is for one gateway
+/// Proof that this process is the one serving an embedded store: SQLite is for one gateway
 /// process, because two would refresh the same connections without knowing of each other.
-/// Operator commands (`connections import`, `list`) open the store without it.
+/// Operator commands (`connections import`, `list`) open the store without it. A shared
+/// (PostgreSQL) store needs none: the database serialises refreshes across replicas.
 pub struct ServingLock {
-    _file: std::fs::File,
+    _file: Option<std::fs::File>,
 }
 
-/// Takes the store's serving lock (`<store>.lock`), or says which store is already served.
+/// Takes the embedded store's serving lock (`<store>.lock`), or says which store is already
+/// served. A no-op for the shared store.
 pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
-    let mut path = config.store.path.clone().into_os_string();
+    let StoreBackend::Sqlite { path: store_path } = &config.store.backend else {
+        return Ok(ServingLock { _file: None });
+    };
+    let mut path = store_path.clone().into_os_string();
     path.push(".lock");
     let path = std::path::PathBuf::from(path);
     let file = std::fs::OpenOptions::new()
@@ -73,11 +80,11 @@ pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError
         .open(&path)
         .map_err(|e| StartError::Store(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
-        Ok(()) => Ok(ServingLock { _file: file }),
+        Ok(()) => Ok(ServingLock { _file: Some(file) }),
         Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Store(format!(
             "another finx-gateway process is serving the token store {} (lock {}); one store \
              serves one gateway process",
-            config.store.path.display(),
+            store_path.display(),
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => Err(StartError::Store(format!(
@@ -87,16 +94,24 @@ pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError
     }
 }
 
-/// Opens the configured token store; a key that does not match the store refuses to open.
-pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
+/// Opens the configured token store; a key that does not match the store refuses to open. A
+/// shared store is migrated first; `wait` says whether an unreachable database is waited for
+/// (a serving replica) or reported at once (operator commands).
+pub fn open_store(config: &Config, wait: OpenWait) -> Result<Arc<dyn TokenStore>, StartError> {
     let key = config
         .store
         .encryption_key
         .load()
         .map_err(|e| StartError::Key(e.to_string()))?;
-    let store =
-        SqliteStore::open(&config.store.path, key).map_err(|e| StartError::Store(e.to_string()))?;
-    Ok(Arc::new(store))
+    Ok(match &config.store.backend {
+        StoreBackend::Sqlite { path } => {
+            Arc::new(SqliteStore::open(path, key).map_err(|e| StartError::Store(e.to_string()))?)
+        }
+        StoreBackend::Postgres(settings) => Arc::new(
+            PostgresStore::open(settings, key, wait)
+                .map_err(|e| StartError::Store(e.to_string()))?,
+        ),
+    })
 }
 
 fn token_client(config: &Config) -> Result<TokenClient, StartError> {

@@ -537,7 +537,7 @@ async fn a_second_gateway_on_the_same_store_is_refused() {
     let harness = Harness::start();
     let mut config = harness.config();
     config.listen = finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).unwrap();
-    let store = finx_gateway::open_store(&config).unwrap();
+    let store = finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).unwrap();
     let clock: std::sync::Arc<dyn finx_gateway::clock::Clock> =
         std::sync::Arc::new(harness.clock.clone());
     let refused = finx_gateway::RunningGateway::start(config, store, clock);

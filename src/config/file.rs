@@ -83,12 +83,30 @@ pub struct ClientFile {
     pub secret: Option<SecretRef>,
 }
 
-/// `[store]`
+/// `[store]`: `kind = "sqlite"` (default; `path`) or `kind = "postgres"` (`url` and the pool,
+/// timeout and TLS settings).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFile {
+    pub kind: Option<String>,
+    /// The SQLite database file.
     pub path: Option<PathBuf>,
     pub encryption_key: Option<SecretRef>,
+    /// The PostgreSQL URL, `{ env = "VAR" }` or `{ file = "path" }` (it may hold a password).
+    pub url: Option<SecretRef>,
+    /// PostgreSQL connections this process opens at most.
+    pub pool_size: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub statement_timeout: Option<Duration>,
+    /// How long a refresh waits for another replica's refresh of the same connection.
+    #[serde(default, with = "humantime_serde")]
+    pub lock_timeout: Option<Duration>,
+    /// `disable`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
+    pub tls: Option<String>,
+    /// CA certificate (PEM) for `verify-ca` / `verify-full`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[tokens]`

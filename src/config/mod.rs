@@ -17,6 +17,7 @@ use url::Url;
 
 use crate::callers::CallerAuth;
 use crate::store::crypto::KeySource;
+use crate::store::postgres::{PgSettings, PgTls};
 
 pub use file::ConfigFile;
 pub use secret::SecretRef;
@@ -148,9 +149,30 @@ pub struct ClientConfig {
 /// The token store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    pub path: PathBuf,
+    pub backend: StoreBackend,
     /// Where the encryption key is read from (checked during validation).
     pub encryption_key: KeySource,
+}
+
+/// Which store, and how to reach it.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// Embedded SQLite: one gateway process per file.
+    Sqlite { path: PathBuf },
+    /// Shared PostgreSQL: any number of replicas.
+    Postgres(PgSettings),
+}
+
+impl StoreConfig {
+    /// A description for logs and `check-config` (never the database URL).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            StoreBackend::Sqlite { path } => format!("sqlite {}", path.display()),
+            StoreBackend::Postgres(settings) => {
+                format!("postgres (pool {})", settings.pool_size)
+            }
+        }
+    }
 }
 
 /// Token caching and refresh.
@@ -242,13 +264,9 @@ impl Config {
             &mut errors,
         );
 
-        let store_path = match &file.store.path {
-            Some(path) => Some(base_dir.join(path)),
-            None => {
-                errors.push("store.path: required".to_owned());
-                None
-            }
-        };
+        let upstream_token_timeout = file.upstream.token_timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT);
+        let store_backend =
+            validate_store(&file.store, base_dir, upstream_token_timeout, &mut errors);
         let encryption_key = key_source(file.store.encryption_key.as_ref(), base_dir, &mut errors);
 
         let refresh_skew = file.tokens.refresh_skew.unwrap_or(Duration::from_secs(60));
@@ -325,7 +343,7 @@ impl Config {
             upstream,
             client_id,
             client_secret,
-            store_path,
+            store_backend,
             encryption_key,
             user_header,
             flow_header,
@@ -337,7 +355,7 @@ impl Config {
                 Some(upstream),
                 Some(id),
                 Some(secret),
-                Some(path),
+                Some(backend),
                 Some(encryption_key),
                 Some(user_header),
                 Some(flow_header),
@@ -348,7 +366,7 @@ impl Config {
                 upstream,
                 client: ClientConfig { id, secret },
                 store: StoreConfig {
-                    path,
+                    backend,
                     encryption_key,
                 },
                 tokens: TokensConfig {
@@ -452,6 +470,110 @@ fn validate_connect(
     })
 }
 
+/// The finX token call's default time limit.
+const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn validate_store(
+    file: &file::StoreFile,
+    base_dir: &Path,
+    token_timeout: Duration,
+    errors: &mut Vec<String>,
+) -> Option<StoreBackend> {
+    let before = errors.len();
+    let kind = file.kind.as_deref().unwrap_or("sqlite");
+    let postgres_only = [
+        ("url", file.url.is_some()),
+        ("pool_size", file.pool_size.is_some()),
+        ("connect_timeout", file.connect_timeout.is_some()),
+        ("statement_timeout", file.statement_timeout.is_some()),
+        ("lock_timeout", file.lock_timeout.is_some()),
+        ("tls", file.tls.is_some()),
+        ("ca_file", file.ca_file.is_some()),
+    ];
+    match kind {
+        "sqlite" => {
+            for (name, _) in postgres_only.iter().filter(|(_, set)| *set) {
+                errors.push(format!("store.{name}: only for kind = \"postgres\""));
+            }
+            match &file.path {
+                Some(path) => (errors.len() == before).then(|| StoreBackend::Sqlite {
+                    path: base_dir.join(path),
+                }),
+                None => {
+                    errors.push("store.path: required for kind = \"sqlite\"".to_owned());
+                    None
+                }
+            }
+        }
+        "postgres" => {
+            if file.path.is_some() {
+                errors.push("store.path: only for kind = \"sqlite\"".to_owned());
+            }
+            let url = required_secret("store.url", file.url.as_ref(), base_dir, errors);
+            let pool_size = file.pool_size.unwrap_or(10);
+            if pool_size == 0 {
+                errors.push("store.pool_size: must be at least 1".into());
+            }
+            let connect_timeout = file.connect_timeout.unwrap_or(Duration::from_secs(5));
+            let statement_timeout = file.statement_timeout.unwrap_or(Duration::from_secs(15));
+            let lock_timeout = file.lock_timeout.unwrap_or(Duration::from_secs(10));
+            for (name, value) in [
+                ("connect_timeout", connect_timeout),
+                ("statement_timeout", statement_timeout),
+                ("lock_timeout", lock_timeout),
+            ] {
+                if value < Duration::from_millis(1) {
+                    errors.push(format!("store.{name}: must be at least 1ms"));
+                }
+            }
+            if lock_timeout >= statement_timeout {
+                errors.push(
+                    "store.lock_timeout: must be shorter than store.statement_timeout (a lock \
+                     wait is one statement)"
+                        .into(),
+                );
+            }
+            let tls_text = file.tls.as_deref().unwrap_or("prefer");
+            let tls = PgTls::parse(tls_text);
+            if tls.is_none() {
+                errors.push(format!(
+                    "store.tls: {tls_text:?} is not one of disable, prefer, require, verify-ca, \
+                     verify-full"
+                ));
+            }
+            let ca_file = file.ca_file.as_ref().map(|path| base_dir.join(path));
+            if let Some(ca) = &ca_file {
+                if !ca.is_file() {
+                    errors.push(format!("store.ca_file: {} is not a file", ca.display()));
+                }
+            }
+            match (url, tls) {
+                (Some(url), Some(tls)) if errors.len() == before => {
+                    Some(StoreBackend::Postgres(PgSettings {
+                        url,
+                        pool_size,
+                        connect_timeout,
+                        statement_timeout,
+                        lock_timeout,
+                        // Above the finX call a refresh makes while holding its lock, so
+                        // PostgreSQL never ends a healthy holder's session.
+                        lock_hold_limit: token_timeout + Duration::from_secs(5),
+                        tls,
+                        ca_file,
+                    }))
+                }
+                _ => None,
+            }
+        }
+        other => {
+            errors.push(format!(
+                "store.kind: {other:?} is neither \"sqlite\" nor \"postgres\""
+            ));
+            None
+        }
+    }
+}
+
 fn key_source(
     reference: Option<&SecretRef>,
     base_dir: &Path,
@@ -551,7 +673,7 @@ fn validate_upstream(
         host_header,
         connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(2)),
         read_timeout: file.read_timeout.unwrap_or(Duration::from_secs(30)),
-        token_timeout: file.token_timeout.unwrap_or(Duration::from_secs(10)),
+        token_timeout: file.token_timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT),
         pool_size,
     })
 }

@@ -4,14 +4,14 @@
 //!
 //! The gateway replaces the caller's `redirect_uri` with its own callback and the caller's
 //! `state` with a signed [`state::FlowState`] that carries both originals. The flow id finX
-//! issues is remembered (in memory, until the state expires) under the state's id: a callback
-//! must bring a state the gateway issued, for the flow it was issued for, once.
+//! issues is remembered in the token store (until the state expires) under the state's id: a
+//! callback must bring a state the gateway issued, for the flow it was issued for, once. With a
+//! shared store and a shared state key, a flow started on one replica completes on any other.
 
 pub mod flows;
 pub mod state;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rand::distr::{Alphanumeric, SampleString};
@@ -59,9 +59,6 @@ pub struct ConnectService {
     store: Arc<dyn TokenStore>,
     tokens: TokenManager,
     clock: Arc<dyn Clock>,
-    /// Started flows by their state's `jti`: the flow id finX issued for it. A callback takes
-    /// its entry, which makes a state single use and binds the flow id to it.
-    pending_flows: moka::sync::Cache<String, String>,
 }
 
 fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> GatewayError {
@@ -83,10 +80,6 @@ impl ConnectService {
         tokens: TokenManager,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let pending_flows = moka::sync::Cache::builder()
-            .time_to_live(settings.state_ttl + Duration::from_secs(60))
-            .max_capacity(1_000_000)
-            .build();
         Self {
             signer: StateSigner::new(&settings.state_key),
             settings,
@@ -94,7 +87,6 @@ impl ConnectService {
             store,
             tokens,
             clock,
-            pending_flows,
         }
     }
 
@@ -190,7 +182,16 @@ impl ConnectService {
                 .ok()
                 .and_then(|answer| answer.get("id")?.as_str().map(str::to_owned));
             match flow_id {
-                Some(flow_id) => self.pending_flows.insert(state.jti, flow_id),
+                // Started flows by their state's `jti`: a callback takes the entry, which makes
+                // a state single use and binds the flow id to it.
+                Some(flow_id) => self
+                    .store
+                    .put_flow_state(&state.jti, &flow_id, state.exp, now)
+                    .await
+                    .map_err(|error| {
+                        tracing::error!(%error, flow = kind.name(), "a started flow could not be stored; it cannot complete");
+                        GatewayError::StoreUnavailable
+                    })?,
                 None => tracing::warn!(
                     flow = kind.name(),
                     "finX started a flow without an id; it cannot complete"
@@ -248,8 +249,13 @@ impl ConnectService {
         // Single use, and bound to the flow finX started for it: the first callback with this
         // state takes its entry, even if it then fails.
         let started_flow = self
-            .pending_flows
-            .remove(&state.jti)
+            .store
+            .take_flow_state(&state.jti, self.clock.now())
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "started flows cannot be read");
+                GatewayError::StoreUnavailable
+            })?
             .ok_or_else(|| bad("the flow state is unknown or was already used"))?;
         if flow_id.as_deref().is_some_and(|id| id != started_flow) {
             return Err(bad("flow_id does not belong to this flow state"));

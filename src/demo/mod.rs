@@ -79,7 +79,7 @@ pub fn start(listen: SocketAddr) -> Result<Demo, String> {
     let config = Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())?;
     let log_writer = crate::telemetry::init(&config.telemetry);
 
-    let store = crate::open_store(&config).map_err(|e| e.to_string())?;
+    let store = crate::open_store(&config, crate::OpenWait::Once).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -291,6 +291,47 @@ impl EncryptionKey {
     }
 }
 
+/// The known constant every store seals under its key when it is created, and its associated data
+/// (distinct from every token's, so a token ciphertext can never pass as the key check or the
+/// reverse).
+const KEY_CHECK_PLAINTEXT: &[u8] = b"finx-gateway key check v1";
+const KEY_CHECK_AD: &[u8] = b"finx-gateway/v1/meta/key_check";
+
+/// How a store's key-check record compares with the key a process was started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The record decrypts: this is the store's key.
+    Matches,
+    /// Same key id but the record does not decrypt: the record was altered, the key is (almost
+    /// surely) right. Saying "wrong key" would send the operator hunting for another key.
+    Damaged,
+    /// Another key: the store was created with `expected_key_id`.
+    WrongKey { expected_key_id: String },
+}
+
+impl EncryptionKey {
+    /// The key-check record a new store keeps beside its key id.
+    pub fn seal_key_check(&self) -> Result<Vec<u8>, EncryptError> {
+        self.encrypt(KEY_CHECK_PLAINTEXT, KEY_CHECK_AD)
+    }
+
+    /// Compares a store's key-check record (`stored_key_id`, `sealed`) with this key.
+    pub fn check_against(&self, stored_key_id: &str, sealed: &[u8]) -> KeyCheck {
+        let matches = self
+            .decrypt(sealed, KEY_CHECK_AD)
+            .is_ok_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT);
+        if matches {
+            KeyCheck::Matches
+        } else if stored_key_id == self.key_id() {
+            KeyCheck::Damaged
+        } else {
+            KeyCheck::WrongKey {
+                expected_key_id: stored_key_id.to_owned(),
+            }
+        }
+    }
+}
+
 impl fmt::Debug for EncryptionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptionKey")

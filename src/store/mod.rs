@@ -1,10 +1,15 @@
 //! Durable storage of finX connections: the refresh token, the latest access token and the
 //! connection's status, every token AEAD-encrypted at rest.
 //!
-//! One [`TokenStore`] trait; embedded SQLite is the default implementation. Writes that matter
-//! for invariant 3 ("persist before use") return only after the data is durable.
+//! One [`TokenStore`] trait, two implementations: embedded SQLite ([`sqlite`], the default, one
+//! gateway process per file) and PostgreSQL ([`postgres`], shared by any number of replicas).
+//! Writes that matter for "persist before use" return only after the data is durable.
+//!
+//! This module may depend on `clock` and on leaf crates only; the token manager and the connect
+//! flows build on it, never the reverse.
 
 pub mod crypto;
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
@@ -155,6 +160,8 @@ pub struct ConnectionSummary {
     pub refreshed_at: Option<UnixSeconds>,
     /// Last successful manual synchronisation through the gateway.
     pub synced_at: Option<UnixSeconds>,
+    /// Last write of any kind; `store copy` refuses to overwrite a row newer than its source.
+    pub updated_at: UnixSeconds,
 }
 
 /// A stored connection, decrypted.
@@ -171,6 +178,17 @@ pub struct Connection {
     pub refreshed_at: Option<UnixSeconds>,
     /// Last successful manual synchronisation through the gateway.
     pub synced_at: Option<UnixSeconds>,
+    /// Last write of any kind.
+    pub updated_at: UnixSeconds,
+}
+
+/// What [`TokenStore::copy_in`] did with one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// Written (created, or replaced a row that was not newer).
+    Written,
+    /// Left alone: the target's row was written after the source's.
+    TargetNewer,
 }
 
 /// Why a store operation failed.
@@ -189,6 +207,40 @@ pub enum StoreError {
     /// No such connection.
     #[error("no stored connection {0}")]
     NotFound(ConnectionKey),
+    /// Another replica held the connection's refresh lock for longer than the lock timeout.
+    #[error("stored connection {0} is locked by another refresh")]
+    Busy(ConnectionKey),
+}
+
+/// A refresh of one connection, serialised with every other refresh of it: inside the process by
+/// the token manager's per-connection lock, across replicas by the store itself (PostgreSQL:
+/// a row lock held by this object's open transaction).
+///
+/// [`RefreshLease::current`] is the row as read *under* the lock, so a token another replica
+/// committed a moment ago is seen. Dropping the lease without finishing it releases the lock and
+/// changes nothing; a crashed process releases it with its database session.
+#[async_trait]
+pub trait RefreshLease: Send {
+    /// The connection as it is now; `None` when it does not exist.
+    fn current(&self) -> Option<&Connection>;
+
+    /// Commits a refresh's result over the version read under the lock (see
+    /// [`TokenStore::commit_refresh`]) and releases the lock.
+    async fn commit_refresh(
+        self: Box<Self>,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError>;
+
+    /// Sets the status (e.g. `reauth_required` after `invalid_grant`) and releases the lock.
+    async fn set_status(
+        self: Box<Self>,
+        status: ConnectionStatus,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the connection (an expired one-time connection) and releases the lock.
+    async fn delete(self: Box<Self>) -> Result<bool, StoreError>;
 }
 
 /// Durable, encrypted storage of connections.
@@ -235,4 +287,36 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Every connection's metadata, without tokens (for operators).
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError>;
+
+    /// Takes `key`'s refresh lock (waiting at most the store's lock timeout, else
+    /// [`StoreError::Busy`]) and reads the row under it.
+    async fn lock_for_refresh(
+        &self,
+        key: &ConnectionKey,
+    ) -> Result<Box<dyn RefreshLease>, StoreError>;
+
+    /// Remembers a started connect flow: the flow id finX issued for the gateway's state
+    /// `state_id`, until `expires_at`. Any replica can then complete it. Entries expired at
+    /// `now` may be purged on the way.
+    async fn put_flow_state(
+        &self,
+        state_id: &str,
+        flow_id: &str,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+
+    /// Takes (reads and deletes, atomically) a started flow's id: the first caller gets it,
+    /// every later one `None`, which makes a state single use across replicas. Expired entries
+    /// are `None` too.
+    async fn take_flow_state(
+        &self,
+        state_id: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Writes a connection read from another store (`store copy`), unless this store's row
+    /// for it was written later (`updated_at`). The copy's version moves above any version this
+    /// store has used for the key, so no refresh in flight here can compare-and-swap onto it.
+    async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError>;
 }

@@ -26,23 +26,18 @@ use rusqlite::{
 };
 use secrecy::SecretString;
 
-use super::crypto::{EncryptionKey, TokenColumn};
+use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
 use super::{
-    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, NewConnection,
-    StoreError, TokenGrant, TokenStore,
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
+    NewConnection, RefreshLease, StoreError, TokenGrant, TokenStore,
 };
 use crate::clock::{Clock, SystemClock, UnixSeconds};
 
 /// The schema this build writes; `PRAGMA user_version` holds the file's.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a write waits for another process (e.g. an operator's CLI) holding the lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The known constant sealed in `meta.key_check`, and its associated data (distinct from every
-/// token's, so a token ciphertext can never pass as the key check or the reverse).
-const KEY_CHECK_PLAINTEXT: &[u8] = b"finx-gateway key check v1";
-const KEY_CHECK_AD: &[u8] = b"finx-gateway/v1/meta/key_check";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -72,9 +67,19 @@ CREATE TABLE connections (
 ) STRICT;
 ";
 
+/// Version 2: started connect flows live in the store (they survive a restart).
+const SCHEMA_V2: &str = "
+CREATE TABLE flow_states (
+    state_id   TEXT    PRIMARY KEY NOT NULL,
+    flow_id    TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX flow_states_expiry ON flow_states (expires_at);
+";
+
 const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_expires_at, scope, \
-                          version, created_at, refreshed_at, synced_at FROM connections \
-                          WHERE key = ?1";
+                          version, created_at, refreshed_at, synced_at, updated_at \
+                          FROM connections WHERE key = ?1";
 
 /// Why [`SqliteStore::open`] failed. No message ever contains key or token material.
 #[derive(Debug, thiserror::Error)]
@@ -278,15 +283,19 @@ fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<
                 ));
             }
             tx.execute_batch(SCHEMA_V1).map_err(unavailable)?;
-            let check = key
-                .encrypt(KEY_CHECK_PLAINTEXT, KEY_CHECK_AD)
-                .map_err(|e| damaged(e.to_string()))?;
+            tx.execute_batch(SCHEMA_V2).map_err(unavailable)?;
+            let check = key.seal_key_check().map_err(|e| damaged(e.to_string()))?;
             tx.execute(
                 "INSERT INTO meta (id, key_id, key_check, version_floor, created_at) \
                  VALUES (1, ?1, ?2, 0, ?3)",
                 params![key.key_id(), check, SystemClock.now()],
             )
             .map_err(unavailable)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(unavailable)?;
+        }
+        1 => {
+            tx.execute_batch(SCHEMA_V2).map_err(unavailable)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(unavailable)?;
         }
@@ -317,21 +326,15 @@ fn check_key(conn: &DbConnection, path: &Path, key: &EncryptionKey) -> Result<()
         .optional()
         .map_err(|e| damaged(format!("sqlite: {e}")))?
         .ok_or_else(|| damaged("the key check record is missing".to_owned()))?;
-    let matches = key
-        .decrypt(&check, KEY_CHECK_AD)
-        .is_ok_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT);
-    let given_key_id = key.key_id();
-    match (matches, expected_key_id == given_key_id) {
-        (true, _) => Ok(()),
-        // Same key id but the check fails: the record was altered, the key is (almost surely)
-        // right. Saying "wrong key" would send the operator hunting for another key.
-        (false, true) => Err(damaged(
+    match key.check_against(&expected_key_id, &check) {
+        KeyCheck::Matches => Ok(()),
+        KeyCheck::Damaged => Err(damaged(
             "the key check record does not decrypt although its key id matches the key given"
                 .to_owned(),
         )),
-        (false, false) => Err(OpenError::WrongKey {
+        KeyCheck::WrongKey { expected_key_id } => Err(OpenError::WrongKey {
             expected_key_id,
-            given_key_id,
+            given_key_id: key.key_id(),
         }),
     }
 }
@@ -352,6 +355,7 @@ struct StoredRow {
     created_at: UnixSeconds,
     refreshed_at: Option<UnixSeconds>,
     synced_at: Option<UnixSeconds>,
+    updated_at: UnixSeconds,
 }
 
 fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow>, StoreError> {
@@ -366,6 +370,7 @@ fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow
             created_at: row.get(6)?,
             refreshed_at: row.get(7)?,
             synced_at: row.get(8)?,
+            updated_at: row.get(9)?,
         })
     })
     .optional()
@@ -421,6 +426,7 @@ fn decrypt_row(
         created_at: row.created_at,
         refreshed_at: row.refreshed_at,
         synced_at: row.synced_at,
+        updated_at: row.updated_at,
     })
 }
 
@@ -524,6 +530,7 @@ impl TokenStore for SqliteStore {
             created_at: now,
             refreshed_at: None,
             synced_at: None,
+            updated_at: now,
         })
     }
 
@@ -599,6 +606,7 @@ impl TokenStore for SqliteStore {
                 created_at: row.created_at,
                 refreshed_at: Some(now),
                 synced_at: row.synced_at,
+                updated_at: now,
             })
         })
         .await
@@ -679,8 +687,8 @@ impl TokenStore for SqliteStore {
         self.run(|conn, _| {
             let mut statement = conn
                 .prepare(
-                    "SELECT key, status, version, created_at, refreshed_at, synced_at \
-                     FROM connections ORDER BY key",
+                    "SELECT key, status, version, created_at, refreshed_at, synced_at, \
+                     updated_at FROM connections ORDER BY key",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -692,12 +700,13 @@ impl TokenStore for SqliteStore {
                         row.get::<_, UnixSeconds>(3)?,
                         row.get::<_, Option<UnixSeconds>>(4)?,
                         row.get::<_, Option<UnixSeconds>>(5)?,
+                        row.get::<_, UnixSeconds>(6)?,
                     ))
                 })
                 .map_err(unavailable)?;
             let mut summaries = Vec::new();
             for row in rows {
-                let (stored, status, version, created_at, refreshed_at, synced_at) =
+                let (stored, status, version, created_at, refreshed_at, synced_at, updated_at) =
                     row.map_err(unavailable)?;
                 let Ok(key) = ConnectionKey::from_stored(&stored) else {
                     tracing::warn!("token store holds a row with an invalid connection key");
@@ -713,11 +722,177 @@ impl TokenStore for SqliteStore {
                     created_at,
                     refreshed_at,
                     synced_at,
+                    updated_at,
                 });
             }
             Ok(summaries)
         })
         .await
+    }
+
+    /// One process serves an embedded store (the serving lock), and the token manager holds the
+    /// connection's in-process lock around every refresh, so the lease only needs the row.
+    async fn lock_for_refresh(
+        &self,
+        key: &ConnectionKey,
+    ) -> Result<Box<dyn RefreshLease>, StoreError> {
+        let current = self.load(key).await?;
+        Ok(Box::new(SqliteLease {
+            store: self.clone(),
+            key: key.clone(),
+            current,
+        }))
+    }
+
+    async fn put_flow_state(
+        &self,
+        state_id: &str,
+        flow_id: &str,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let (state_id, flow_id) = (state_id.to_owned(), flow_id.to_owned());
+        self.run(move |conn, _| {
+            let tx = immediate(conn)?;
+            // Flows whose users never came back are forgotten once their state has expired.
+            tx.execute(
+                "DELETE FROM flow_states WHERE expires_at <= ?1",
+                params![now],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO flow_states (state_id, flow_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![state_id, flow_id, expires_at],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn take_flow_state(
+        &self,
+        state_id: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<String>, StoreError> {
+        let state_id = state_id.to_owned();
+        self.run(move |conn, _| {
+            let taken: Option<(String, UnixSeconds)> = conn
+                .query_row(
+                    "DELETE FROM flow_states WHERE state_id = ?1 RETURNING flow_id, expires_at",
+                    params![state_id],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            Ok(taken.and_then(|(flow_id, expires_at)| (expires_at > now).then_some(flow_id)))
+        })
+        .await
+    }
+
+    async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
+        let key = connection.key.clone();
+        let sealed_refresh =
+            self.seal(&key, TokenColumn::RefreshToken, &connection.refresh_token)?;
+        let sealed_access = connection
+            .access
+            .as_ref()
+            .map(|access| self.seal(&key, TokenColumn::AccessToken, &access.token))
+            .transpose()?;
+        let c = connection.clone();
+        self.run(move |conn, shared| {
+            let tx = immediate(conn)?;
+            let existing: Option<(i64, UnixSeconds)> = tx
+                .query_row(
+                    "SELECT version, updated_at FROM connections WHERE key = ?1",
+                    params![key.as_str()],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            if existing.is_some_and(|(_, updated_at)| updated_at > c.updated_at) {
+                return Ok(CopyOutcome::TargetNewer);
+            }
+            let floor: i64 = tx
+                .query_row("SELECT version_floor FROM meta WHERE id = 1", [], |row| {
+                    row.get(0)
+                })
+                .map_err(unavailable)?;
+            let version = c
+                .version
+                .max(existing.map_or(floor, |(version, _)| version) + 1);
+            tx.execute(
+                "INSERT INTO connections (key, status, refresh_token, access_token, \
+                 access_expires_at, scope, version, created_at, refreshed_at, synced_at, \
+                 updated_at, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT (key) DO UPDATE SET status = excluded.status, \
+                 refresh_token = excluded.refresh_token, access_token = excluded.access_token, \
+                 access_expires_at = excluded.access_expires_at, scope = excluded.scope, \
+                 version = excluded.version, created_at = excluded.created_at, \
+                 refreshed_at = excluded.refreshed_at, synced_at = excluded.synced_at, \
+                 updated_at = excluded.updated_at, key_id = excluded.key_id",
+                params![
+                    key.as_str(),
+                    c.status.as_str(),
+                    sealed_refresh,
+                    sealed_access,
+                    c.access.as_ref().map(|a| a.expires_at),
+                    c.scope,
+                    version,
+                    c.created_at,
+                    c.refreshed_at,
+                    c.synced_at,
+                    c.updated_at,
+                    shared.key_id,
+                ],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(CopyOutcome::Written)
+        })
+        .await
+    }
+}
+
+/// The embedded store's refresh lease: the row read under the manager's in-process lock; its
+/// commit is the ordinary compare-and-swap.
+struct SqliteLease {
+    store: SqliteStore,
+    key: ConnectionKey,
+    current: Option<Connection>,
+}
+
+#[async_trait]
+impl RefreshLease for SqliteLease {
+    fn current(&self) -> Option<&Connection> {
+        self.current.as_ref()
+    }
+
+    async fn commit_refresh(
+        self: Box<Self>,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError> {
+        let version = self
+            .current
+            .as_ref()
+            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
+            .version;
+        self.store
+            .commit_refresh(&self.key, version, grant, now)
+            .await
+    }
+
+    async fn set_status(
+        self: Box<Self>,
+        status: ConnectionStatus,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        self.store.set_status(&self.key, status, now).await
+    }
+
+    async fn delete(self: Box<Self>) -> Result<bool, StoreError> {
+        self.store.delete(&self.key).await
     }
 }
 
@@ -770,7 +945,7 @@ mod tests {
             .unwrap();
         let err = SqliteStore::open(&newer, EncryptionKey::generate()).unwrap_err();
         assert!(
-            matches!(err, OpenError::UnsupportedSchema { found: 2, .. }),
+            matches!(err, OpenError::UnsupportedSchema { found: 3, .. }),
             "{err}"
         );
 

@@ -22,8 +22,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::clock::{Clock, UnixSeconds};
 use crate::store::{
-    AccessToken, Connection, ConnectionKey, ConnectionStatus, NewConnection, StoreError,
-    TokenGrant, TokenStore,
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, NewConnection, RefreshLease,
+    StoreError, TokenGrant, TokenStore,
 };
 pub use client::{TokenClient, TokenFailure};
 use locks::KeyedLocks;
@@ -126,8 +126,20 @@ struct Inner {
     uncommitted: Mutex<HashMap<ConnectionKey, Uncommitted>>,
     /// When finX may be asked again for a connection after a retryable failure.
     backoff_until: moka::sync::Cache<ConnectionKey, UnixSeconds>,
-    /// Connections finX declared dead whose status could not be stored: never asked again.
-    dead: moka::sync::Cache<ConnectionKey, ()>,
+    /// Connections finX declared dead, with the highest row version that grant had: finX is not
+    /// asked again for it even if its status could not be stored, while a newer row (a new
+    /// consent on any replica, an operator's import) is honoured at once.
+    dead: moka::sync::Cache<ConnectionKey, i64>,
+}
+
+/// What [`Inner::judge`] decided about a stored connection.
+enum Verdict {
+    /// Its stored access token is fresh: use it.
+    Use(CachedToken),
+    /// It needs a refresh at finX.
+    Refresh,
+    /// A one-time connection past its retention: delete it.
+    Expired,
 }
 
 /// A grant waiting to be committed over the row version it was refreshed from.
@@ -276,33 +288,28 @@ impl Inner {
         self.uncommitted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn load_or_refresh(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
-        let _held = self.locks.lock(key).await;
-        self.commit_uncommitted(key).await?;
-        let connection = self
-            .store
-            .load(key)
-            .await
-            .map_err(|e| store_failure(key, "load", e))?
-            .ok_or(TokenError::NotFound)?;
-        let now = self.clock.now();
+    /// What to do with a connection as stored.
+    fn judge(&self, connection: &Connection, now: UnixSeconds) -> Result<Verdict, TokenError> {
+        let key = &connection.key;
         if key.is_flow() && connection.created_at + self.one_time_retention_secs <= now {
             // finX has deleted a one-time flow's data by now; so does the gateway.
-            if let Err(e) = self.store.delete(key).await {
-                return Err(store_failure(key, "delete expired one-time connection", e));
-            }
-            return Err(TokenError::NotFound);
+            return Ok(Verdict::Expired);
         }
-        if connection.status != ConnectionStatus::Active || self.dead.contains_key(key) {
+        let dead = self
+            .dead
+            .get(key)
+            .is_some_and(|version| connection.version <= version);
+        if connection.status != ConnectionStatus::Active || dead {
             return Err(TokenError::ReauthRequired);
         }
-        if let Some(access) = self.usable_stored_access(&connection) {
+        if let Some(access) = self.usable_stored_access(connection) {
             return cached(
                 &access.token,
                 access.expires_at,
                 connection.version,
                 TokenSource::Store,
-            );
+            )
+            .map(Verdict::Use);
         }
         if connection.refresh_token.expose_secret().is_empty() {
             // A grant that came without a refresh token ends with its access token.
@@ -313,13 +320,72 @@ impl Inner {
                 retry_after_secs: (until - now) as u64,
             });
         }
+        Ok(Verdict::Refresh)
+    }
+
+    async fn load_or_refresh(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
+        let _held = self.locks.lock(key).await;
+        self.commit_uncommitted(key).await?;
+        // A plain read first: a fresh access token in the store (stored by another replica, or
+        // before a restart) needs no lock.
+        let connection = self
+            .store
+            .load(key)
+            .await
+            .map_err(|e| store_failure(key, "load", e))?
+            .ok_or(TokenError::NotFound)?;
+        match self.judge(&connection, self.clock.now())? {
+            Verdict::Use(token) => return Ok(token),
+            Verdict::Expired => {
+                return match self.store.delete(key).await {
+                    Ok(_) => Err(TokenError::NotFound),
+                    Err(e) => Err(store_failure(key, "delete expired one-time connection", e)),
+                }
+            }
+            Verdict::Refresh => {}
+        }
+
+        // Serialise with every other refresher of this connection (other replicas included) and
+        // judge the row again as it is under the lock: another replica may have refreshed it
+        // while this one waited.
+        let lease = self
+            .store
+            .lock_for_refresh(key)
+            .await
+            .map_err(|e| store_failure(key, "lock for refresh", e))?;
+        let Some(connection) = lease.current().cloned() else {
+            return Err(TokenError::NotFound);
+        };
+        let now = self.clock.now();
+        match self.judge(&connection, now)? {
+            Verdict::Use(token) => return Ok(token),
+            Verdict::Expired => {
+                return match lease.delete().await {
+                    Ok(_) => Err(TokenError::NotFound),
+                    Err(e) => Err(store_failure(key, "delete expired one-time connection", e)),
+                }
+            }
+            Verdict::Refresh => {}
+        }
 
         let grant = match self.client.refresh(&connection.refresh_token, now).await {
             Ok(grant) => grant,
-            Err(failure) => return Err(self.refresh_failed(key, failure, now).await),
+            Err(failure) => {
+                return Err(self.refresh_failed(lease, &connection, failure, now).await)
+            }
         };
         self.backoff_until.invalidate(key);
-        let committed = match self.commit(key, connection.version, &grant, now).await {
+        // Persist before use, still under the lock. If the lease's own transaction cannot
+        // commit (its database session ended), the same compare-and-swap is retried on a new one.
+        let committed = match lease.commit_refresh(&grant, now).await {
+            Ok(committed) => Ok(committed),
+            Err(StoreError::Unavailable(reason)) => {
+                tracing::warn!(connection = %key, %reason, "refresh lease could not commit; retrying the commit");
+                self.commit(key, connection.version, &grant, now).await
+            }
+            Err(other) => Err(other),
+        };
+        let committed = match committed {
             Ok(committed) => committed,
             Err(StoreError::Conflict(_)) => {
                 // The row moved (a new consent, or another process): this grant is not its own.
@@ -424,10 +490,12 @@ impl Inner {
 
     async fn refresh_failed(
         &self,
-        key: &ConnectionKey,
+        lease: Box<dyn RefreshLease>,
+        connection: &Connection,
         failure: TokenFailure,
         now: UnixSeconds,
     ) -> TokenError {
+        let key = &connection.key;
         tracing::warn!(connection = %key, %failure, "finX token refresh failed");
         let back_off = |retry_after_secs: u64| {
             let secs = retry_after_secs.clamp(1, MAX_BACKOFF_SECS);
@@ -436,11 +504,11 @@ impl Inner {
         };
         match failure {
             TokenFailure::InvalidGrant => {
-                // Remembered first: even if the store cannot record it, finX is not asked again.
-                self.dead.insert(key.clone(), ());
-                match self
-                    .store
-                    .set_status(key, ConnectionStatus::ReauthRequired, now)
+                // Remembered first: even if the store cannot record it, finX is not asked again
+                // for this grant (a newer row, e.g. a new consent, is not affected).
+                self.dead.insert(key.clone(), connection.version);
+                match lease
+                    .set_status(ConnectionStatus::ReauthRequired, now)
                     .await
                 {
                     Ok(()) => TokenError::ReauthRequired,

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod pg;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,8 +17,8 @@ use finx_gateway::config::{Config, ConfigFile, LogFormat, SecretRef};
 use finx_gateway::sim::{SimConfig, SimControl, SimHandle};
 use finx_gateway::store::crypto::EncryptionKey;
 use finx_gateway::store::{
-    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, NewConnection,
-    StoreError, TokenGrant, TokenStore,
+    AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
+    NewConnection, RefreshLease, StoreError, TokenGrant, TokenStore,
 };
 use finx_gateway::RunningGateway;
 use secrecy::{ExposeSecret, SecretString};
@@ -27,8 +29,17 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// The app's return address every test flow uses (allowed by the harness's gateway).
 pub const APP_RETURN: &str = "https://app.example/finx/return";
 
+/// Which token store a harness's gateways use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
 /// Everything a gateway test needs. Dropping it stops gateway and simulator.
 pub struct Harness {
+    /// The test's own PostgreSQL database, for `StoreKind::Postgres`.
+    pub database: Option<pg::TestDatabase>,
     pub sim: SimHandle,
     sim_config: SimConfig,
     pub control: SimControl,
@@ -54,6 +65,11 @@ impl Harness {
 
     /// A simulator with `sim` settings and a gateway whose config file `tweak` may change.
     pub fn with(sim: SimConfig, tweak: fn(&mut ConfigFile)) -> Self {
+        Self::with_store(StoreKind::Sqlite, sim, tweak)
+    }
+
+    /// As [`Harness::with`], on the given kind of store.
+    pub fn with_store(kind: StoreKind, sim: SimConfig, tweak: fn(&mut ConfigFile)) -> Self {
         capture_logs();
         let sim_config = sim.clone();
         let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
@@ -66,7 +82,9 @@ impl Harness {
             .expect("key file");
         }
         let control = sim.control();
+        let database = (kind == StoreKind::Postgres).then(pg::TestDatabase::create);
         let mut harness = Self {
+            database,
             sim,
             sim_config,
             control,
@@ -101,7 +119,17 @@ impl Harness {
         file.upstream.token_timeout = Some(Duration::from_secs(5));
         file.client.id = Some(self.sim_config().client_id);
         file.client.secret = Some(SecretRef::File(secret_path));
-        file.store.path = Some(self.store_path());
+        match &self.database {
+            None => file.store.path = Some(self.store_path()),
+            Some(database) => {
+                let url_path = self.dir.path().join("database-url");
+                std::fs::write(&url_path, &database.url).expect("url file");
+                file.store.kind = Some("postgres".into());
+                file.store.url = Some(SecretRef::File(url_path));
+                file.store.pool_size = Some(4);
+                file.store.tls = Some("disable".into());
+            }
+        }
         file.store.encryption_key = Some(SecretRef::File(self.dir.path().join("store.key")));
         file.telemetry.level = Some("trace".into());
         let demo: ConfigFile = toml::from_str(finx_gateway::demo::DEMO_TOML).expect("demo config");
@@ -136,13 +164,29 @@ impl Harness {
         self.stop_gateway();
         let config = self.config();
         let store: Arc<dyn TokenStore> = Arc::new(FlakyStore {
-            inner: finx_gateway::open_store(&config).expect("store opens"),
+            inner: finx_gateway::open_store(&config, finx_gateway::OpenWait::Once)
+                .expect("store opens"),
             failing_commits: self.failing_commits.clone(),
         });
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         self.gateway =
             Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
         self.store = Some(store);
+    }
+
+    /// Another gateway on the same store, simulator and clock, as a second sidecar would be: its
+    /// own listener and its own store handle (for PostgreSQL, its own pool).
+    pub fn start_replica(&self) -> RunningGateway {
+        let mut config = self.config();
+        config.listen = finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("port");
+        let store =
+            finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).expect("store opens");
+        RunningGateway::start(config, store, Arc::new(self.clock.clone())).expect("replica starts")
+    }
+
+    /// A store handle of the test's own (not the gateway's), on the same data.
+    pub fn open_store(&self) -> Arc<dyn TokenStore> {
+        finx_gateway::open_store(&self.config(), finx_gateway::OpenWait::Once).expect("store opens")
     }
 
     /// Stops the gateway (and closes its store).
@@ -270,11 +314,7 @@ impl TokenStore for FlakyStore {
         grant: &TokenGrant,
         now: i64,
     ) -> Result<Connection, StoreError> {
-        let fail = self
-            .failing_commits
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
+        if take_failure(&self.failing_commits) {
             return Err(StoreError::Unavailable("injected by the test".into()));
         }
         self.inner
@@ -297,6 +337,76 @@ impl TokenStore for FlakyStore {
     }
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.inner.list().await
+    }
+    async fn lock_for_refresh(
+        &self,
+        key: &ConnectionKey,
+    ) -> Result<Box<dyn RefreshLease>, StoreError> {
+        Ok(Box::new(FlakyLease {
+            inner: self.inner.lock_for_refresh(key).await?,
+            failing_commits: self.failing_commits.clone(),
+        }))
+    }
+    async fn put_flow_state(
+        &self,
+        state_id: &str,
+        flow_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .put_flow_state(state_id, flow_id, expires_at, now)
+            .await
+    }
+    async fn take_flow_state(
+        &self,
+        state_id: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.inner.take_flow_state(state_id, now).await
+    }
+    async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
+        self.inner.copy_in(connection).await
+    }
+}
+
+/// Takes one failure from the shared budget; `true` when this commit must fail.
+fn take_failure(failing_commits: &AtomicUsize) -> bool {
+    failing_commits
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// A refresh lease whose commit fails on demand, like [`FlakyStore::commit_refresh`].
+struct FlakyLease {
+    inner: Box<dyn RefreshLease>,
+    failing_commits: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl RefreshLease for FlakyLease {
+    fn current(&self) -> Option<&Connection> {
+        self.inner.current()
+    }
+    async fn commit_refresh(
+        self: Box<Self>,
+        grant: &TokenGrant,
+        now: i64,
+    ) -> Result<Connection, StoreError> {
+        if take_failure(&self.failing_commits) {
+            return Err(StoreError::Unavailable("injected by the test".into()));
+        }
+        self.inner.commit_refresh(grant, now).await
+    }
+    async fn set_status(
+        self: Box<Self>,
+        status: ConnectionStatus,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.set_status(status, now).await
+    }
+    async fn delete(self: Box<Self>) -> Result<bool, StoreError> {
+        self.inner.delete().await
     }
 }
 
