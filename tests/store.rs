@@ -1,15 +1,15 @@
-//! The SQLite token store against real files: durability across reopen, compare-and-swap,
-//! encryption at rest, tamper and wrong-key handling, key loading.
+//! The SQLite token store against real files: encryption at rest in the database and its WAL,
+//! tamper and wrong-key handling, key loading. The behaviour every store shares is in
+//! `store_contract.rs`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use finx_gateway::store::crypto::{EncryptionKey, KeyError, KeySource};
 use finx_gateway::store::sqlite::{OpenError, SqliteStore};
 use finx_gateway::store::{
-    AccessToken, ConnectionKey, ConnectionStatus, NewConnection, StoreError, TokenGrant, TokenStore,
+    AccessToken, ConnectionKey, NewConnection, StoreError, TokenGrant, TokenStore,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
@@ -91,12 +91,6 @@ impl Fixture {
         self.dir.path().join("tokens.db")
     }
 
-    /// Closes the store and opens the file again, as a restarted gateway would.
-    fn reopen(&mut self) {
-        let path = self.path();
-        self.store = SqliteStore::open(&path, same_key(&self.key)).unwrap();
-    }
-
     /// A plain SQLite connection on the same file, standing in for someone editing it.
     fn raw(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.path()).unwrap()
@@ -122,204 +116,6 @@ impl Fixture {
             .unwrap();
         assert_eq!(changed, 1);
     }
-}
-
-#[tokio::test]
-async fn put_then_load_round_trips() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    let put = fx
-        .put(&alice, "r-alice", Some(("a-alice", NOW + 600)))
-        .await;
-    assert_eq!(put.version, 1);
-    assert_eq!(put.status, ConnectionStatus::Active);
-
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.key, alice);
-    assert_eq!(loaded.status, ConnectionStatus::Active);
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-alice");
-    let access = loaded.access.unwrap();
-    assert_eq!(access.token.expose_secret(), "a-alice");
-    assert_eq!(access.expires_at, NOW + 600);
-    assert_eq!(loaded.scope.as_deref(), Some("accounts transactions"));
-    assert_eq!(loaded.version, 1);
-    assert_eq!(loaded.created_at, NOW);
-    assert_eq!(loaded.refreshed_at, None);
-
-    let flow = ConnectionKey::flow("svc", "f-1").unwrap();
-    fx.put(&flow, "r-flow", None).await;
-    let loaded = fx.load(&flow).await;
-    assert!(loaded.access.is_none());
-    assert!(fx.store.load(&user("nobody")).await.unwrap().is_none());
-
-    let listed = fx.store.list().await.unwrap();
-    let keys: Vec<_> = listed.iter().map(|s| s.key.clone()).collect();
-    assert_eq!(keys, vec![alice, flow]);
-}
-
-#[tokio::test]
-async fn put_connection_replaces_and_moves_the_version_on() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-1", None).await;
-    fx.store
-        .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 1)
-        .await
-        .unwrap();
-    let replaced = fx
-        .store
-        .put_connection(&alice, &new_connection("r-2", None), NOW + 2)
-        .await
-        .unwrap();
-    assert_eq!(replaced.version, 3);
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.status, ConnectionStatus::Active);
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
-    assert_eq!(loaded.version, 3);
-    // created_at is the time of the current consent.
-    assert_eq!(loaded.created_at, NOW + 2);
-}
-
-#[tokio::test]
-async fn commit_refresh_rotates_and_persists() {
-    let mut fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-old", Some(("a-old", NOW))).await;
-    let committed = fx
-        .store
-        .commit_refresh(
-            &alice,
-            1,
-            &grant("a-new", NOW + 900, Some("r-new")),
-            NOW + 10,
-        )
-        .await
-        .unwrap();
-    assert_eq!(committed.version, 2);
-    assert_eq!(committed.refresh_token.expose_secret(), "r-new");
-    assert_eq!(committed.refreshed_at, Some(NOW + 10));
-
-    fx.reopen();
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-new");
-    let access = loaded.access.unwrap();
-    assert_eq!(access.token.expose_secret(), "a-new");
-    assert_eq!(access.expires_at, NOW + 900);
-    assert_eq!(loaded.version, 2);
-    assert_eq!(loaded.created_at, NOW);
-    assert_eq!(loaded.refreshed_at, Some(NOW + 10));
-    // A grant without scope keeps the stored one.
-    assert_eq!(loaded.scope.as_deref(), Some("accounts transactions"));
-}
-
-#[tokio::test]
-async fn commit_refresh_without_a_refresh_token_keeps_the_old_one() {
-    let mut fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-keep", None).await;
-    let committed = fx
-        .store
-        .commit_refresh(&alice, 1, &grant("a-new", NOW + 900, None), NOW + 10)
-        .await
-        .unwrap();
-    assert_eq!(committed.refresh_token.expose_secret(), "r-keep");
-    assert_eq!(committed.access.unwrap().token.expose_secret(), "a-new");
-
-    fx.reopen();
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-keep");
-    assert_eq!(loaded.access.unwrap().token.expose_secret(), "a-new");
-    assert_eq!(loaded.version, 2);
-}
-
-#[tokio::test]
-async fn commit_refresh_with_a_stale_version_conflicts_and_writes_nothing() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-1", None).await;
-    fx.store
-        .commit_refresh(&alice, 1, &grant("a-2", NOW + 900, Some("r-2")), NOW)
-        .await
-        .unwrap();
-    let err = fx
-        .store
-        .commit_refresh(&alice, 1, &grant("a-x", NOW + 900, Some("r-x")), NOW)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Conflict(k) if *k == alice),
-        "{err}"
-    );
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-2");
-    assert_eq!(loaded.version, 2);
-
-    let bob = user("bob");
-    let err = fx
-        .store
-        .commit_refresh(&bob, 1, &grant("a", NOW, Some("r")), NOW)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, StoreError::NotFound(k) if *k == bob),
-        "{err}"
-    );
-}
-
-#[tokio::test]
-async fn set_status_persists_and_invalidates_refreshes_in_flight() {
-    let mut fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-1", None).await;
-    fx.store
-        .set_status(&alice, ConnectionStatus::ReauthRequired, NOW + 5)
-        .await
-        .unwrap();
-    let err = fx
-        .store
-        .commit_refresh(&alice, 1, &grant("a", NOW, Some("r-2")), NOW)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
-
-    fx.reopen();
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.status, ConnectionStatus::ReauthRequired);
-    assert_eq!(loaded.refresh_token.expose_secret(), "r-1");
-    assert_eq!(loaded.version, 2);
-    let listed = fx.store.list().await.unwrap();
-    assert_eq!(listed[0].status, ConnectionStatus::ReauthRequired);
-
-    let err = fx
-        .store
-        .set_status(&user("bob"), ConnectionStatus::Revoked, NOW)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
-}
-
-#[tokio::test]
-async fn delete_removes_and_a_recreated_connection_never_reuses_a_version() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-1", None).await;
-    fx.store
-        .commit_refresh(&alice, 1, &grant("a", NOW, Some("r-2")), NOW)
-        .await
-        .unwrap();
-    assert!(fx.store.delete(&alice).await.unwrap());
-    assert!(!fx.store.delete(&alice).await.unwrap());
-    assert!(fx.store.load(&alice).await.unwrap().is_none());
-
-    let recreated = fx.put(&alice, "r-new-consent", None).await;
-    assert_eq!(recreated.version, 3);
-    // A refresh that loaded version 2 before the delete must not land on the new consent.
-    let err = fx
-        .store
-        .commit_refresh(&alice, 2, &grant("a", NOW, Some("r-stale")), NOW)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
 }
 
 /// Every form in which a token could leak into a file: the raw text (a prefix and a window from
@@ -585,79 +381,6 @@ fn key_files_and_variables_load_and_fail_clearly() {
     std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
     let err = EncryptionKey::from_file(&binary).unwrap_err();
     assert!(matches!(err, KeyError::BadEncoding { .. }));
-}
-
-#[tokio::test]
-async fn large_tokens_round_trip() {
-    let mut fx = Fixture::new();
-    let alice = user("alice");
-    let refresh = "R".repeat(2048);
-    let access = "A".repeat(64 * 1024);
-    fx.put(&alice, &refresh, Some((&access, NOW))).await;
-    let rotated = "N".repeat(8192);
-    fx.store
-        .commit_refresh(&alice, 1, &grant(&access, NOW, Some(&rotated)), NOW)
-        .await
-        .unwrap();
-    fx.reopen();
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), rotated);
-    assert_eq!(loaded.access.unwrap().token.expose_secret(), access);
-}
-
-async fn race_commits(stores: Vec<Arc<dyn TokenStore>>, alice: &ConnectionKey) -> String {
-    let tasks: Vec<_> = (0..8)
-        .map(|i| {
-            let store = Arc::clone(&stores[i % stores.len()]);
-            let alice = alice.clone();
-            tokio::spawn(async move {
-                let refresh = format!("r-{i}");
-                store
-                    .commit_refresh(&alice, 1, &grant("a", NOW, Some(&refresh)), NOW)
-                    .await
-                    .map(|c| c.refresh_token.expose_secret().to_owned())
-            })
-        })
-        .collect();
-    let mut winners = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(refresh) => winners.push(refresh),
-            Err(StoreError::Conflict(k)) => assert_eq!(&k, alice),
-            Err(other) => panic!("unexpected error: {other}"),
-        }
-    }
-    assert_eq!(
-        winners.len(),
-        1,
-        "exactly one refresh may commit: {winners:?}"
-    );
-    winners.remove(0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_commits_with_the_same_version_let_exactly_one_win() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-0", None).await;
-    let store: Arc<dyn TokenStore> = Arc::new(fx.store.clone());
-    let winner = race_commits(vec![store], &alice).await;
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), winner);
-    assert_eq!(loaded.version, 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_commits_through_two_handles_on_one_file_let_exactly_one_win() {
-    let fx = Fixture::new();
-    let alice = user("alice");
-    fx.put(&alice, "r-0", None).await;
-    let second = SqliteStore::open(&fx.path(), same_key(&fx.key)).unwrap();
-    let stores: Vec<Arc<dyn TokenStore>> = vec![Arc::new(fx.store.clone()), Arc::new(second)];
-    let winner = race_commits(stores, &alice).await;
-    let loaded = fx.load(&alice).await;
-    assert_eq!(loaded.refresh_token.expose_secret(), winner);
-    assert_eq!(loaded.version, 2);
 }
 
 #[tokio::test]

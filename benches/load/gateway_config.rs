@@ -36,7 +36,8 @@ impl GatewayFiles {
         Ok(Self { dir })
     }
 
-    fn file(&self, name: &str) -> PathBuf {
+    /// A file in this directory (it need not exist yet).
+    pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -48,6 +49,18 @@ impl GatewayFiles {
         sim: &SimConfig,
         threads: Option<usize>,
     ) -> Result<Config, String> {
+        let file = self.config_file(sim_base_url, sim, threads)?;
+        Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())
+    }
+
+    /// [`Self::config`] before validation, for callers that change it first (the replicas of
+    /// scenario e swap the SQLite store for PostgreSQL).
+    pub fn config_file(
+        &self,
+        sim_base_url: &str,
+        sim: &SimConfig,
+        threads: Option<usize>,
+    ) -> Result<ConfigFile, String> {
         let secret_path = self.file("client-secret");
         std::fs::write(&secret_path, &sim.client_secret).map_err(|e| e.to_string())?;
         let mut file = ConfigFile::default();
@@ -65,6 +78,6 @@ impl GatewayFiles {
         for key in &mut file.callers.keys {
             key.secret = Some(SecretRef::File(self.file("caller.key")));
         }
-        Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())
+        Ok(file)
     }
 }

@@ -170,6 +170,52 @@ impl Generator {
             }
         }
     }
+
+    /// Drives several targets at the same time for `seconds`: one wrk process per run (each on
+    /// a thread of its own, all started together), or one built-in closed loop per run on
+    /// `runtime`. Results are in the order of `runs`.
+    pub fn run_many(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        runs: &[ConcurrentRun<'_>],
+        seconds: u64,
+    ) -> Result<Vec<RunResult>, String> {
+        match self {
+            Self::Wrk(wrk) => std::thread::scope(|scope| {
+                let handles: Vec<_> = runs
+                    .iter()
+                    .map(|run| {
+                        scope.spawn(move || {
+                            run_wrk(wrk, run.target, run.script, run.connections, seconds)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|handle| handle.join().map_err(|_| "wrk thread panicked".to_owned())?)
+                    .collect()
+            }),
+            Self::Builtin => {
+                let all = runtime.block_on(futures::future::join_all(runs.iter().map(|run| {
+                    closed_loop(
+                        run.target,
+                        run.workload.clone(),
+                        run.connections,
+                        Duration::from_secs(seconds),
+                    )
+                })));
+                Ok(all.into_iter().map(Samples::summary).collect())
+            }
+        }
+    }
+}
+
+/// One of the runs [`Generator::run_many`] drives at the same time.
+pub struct ConcurrentRun<'a> {
+    pub target: SocketAddr,
+    pub workload: &'a Arc<Workload>,
+    pub script: &'a Path,
+    pub connections: usize,
 }
 
 fn run_wrk(
