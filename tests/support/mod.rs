@@ -174,6 +174,14 @@ impl Harness {
         self.store = Some(store);
     }
 
+    /// Restarts the gateway with its database URL routed through `route` (e.g. an
+    /// [`pg::OutageProxy`]); later replicas and store handles use it too.
+    pub fn restart_via(&mut self, route: impl Fn(&str) -> String) {
+        let database = self.database.as_mut().expect("a PostgreSQL harness");
+        database.url = route(&database.url);
+        self.start_gateway();
+    }
+
     /// Another gateway on the same store, simulator and clock, as a second sidecar would be: its
     /// own listener and its own store handle (for PostgreSQL, its own pool).
     pub fn start_replica(&self) -> RunningGateway {

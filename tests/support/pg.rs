@@ -99,3 +99,79 @@ fn on_own_runtime<T: Send + 'static>(
     .join()
     .expect("database thread")
 }
+
+/// A TCP proxy in front of PostgreSQL that the test can take down (every open connection is cut,
+/// new ones are refused) and bring back, standing in for a database outage or failover.
+pub struct OutageProxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl OutageProxy {
+    /// Starts forwarding to the test server's host and port.
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let target_url = url::Url::parse(&admin_url()).expect("database URL");
+        let target = format!(
+            "{}:{}",
+            target_url.host_str().unwrap_or("127.0.0.1"),
+            target_url.port().unwrap_or(5432)
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy binds");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("proxy address");
+        let up = std::sync::Arc::new(AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (accept_up, accept_cut) = (up.clone(), cut.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("proxy runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if !accept_up.load(Ordering::SeqCst) {
+                        drop(client); // refused: the database is "down"
+                        continue;
+                    }
+                    let target = target.clone();
+                    let mut cut = accept_cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {} // both sockets drop: connection cut
+                        }
+                    });
+                }
+            });
+        });
+        Self { addr, up, cut }
+    }
+
+    /// `url` (a database URL) with its host and port replaced by this proxy's.
+    pub fn route(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).expect("database URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.addr.port())).expect("port");
+        url.to_string()
+    }
+
+    /// Cuts every connection and refuses new ones until [`OutageProxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|generation| *generation += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
