@@ -7,6 +7,15 @@
 //! task under a per-connection lock, so neither a cancelled caller nor a racing invalidation can
 //! make the gateway spend a refresh token twice. The rotated refresh token is committed to the
 //! store before the new access token is returned to anyone.
+//!
+//! Across replicas (a shared store), the refresh itself runs under the store's refresh lease
+//! ([`crate::store::RefreshLease`]): the row is read again under the lock, a fresh access token
+//! another replica stored meanwhile is used as is, and otherwise finX is called and the result
+//! committed while the lock is still held. What the manager remembers in memory (dead grants,
+//! rejected access tokens, uncommitted grants) is keyed to the row version it concerns, so a
+//! newer row written by any replica is honoured at once.
+//!
+//! This module may depend on `store` and `clock`; `proxy` and `connect` build on it.
 
 pub mod client;
 mod locks;
