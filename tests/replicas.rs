@@ -122,7 +122,12 @@ async fn the_database_going_away_keeps_cached_users_served_and_recovers_without_
         file.store.connect_timeout = Some(Duration::from_millis(500));
     });
     let proxy = OutageProxy::start();
-    harness.restart_via(|url| proxy.route(url));
+    // A password in the URL (trust auth ignores it) must never reach a log line.
+    harness.restart_via(|url| {
+        let mut routed = url::Url::parse(&proxy.route(url)).unwrap();
+        routed.set_password(Some(PASSWORD_CANARY)).unwrap();
+        routed.to_string()
+    });
     let cached: Vec<String> = (0..5).map(|i| format!("cached-{i}")).collect();
     let cold: Vec<String> = (0..5).map(|i| format!("cold-{i}")).collect();
     for user in cached.iter().chain(&cold) {
@@ -173,7 +178,18 @@ async fn the_database_going_away_keeps_cached_users_served_and_recovers_without_
         (after.refresh_reuse_detected, after.families_revoked),
         (0, 0)
     );
+    let logs = support::captured_logs();
+    assert!(
+        logs.contains("token store failure"),
+        "the outage was logged"
+    );
+    assert!(
+        !logs.contains(PASSWORD_CANARY),
+        "the database password reached a log line"
+    );
 }
+
+const PASSWORD_CANARY: &str = "pw-CANARY-7f3a9c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_started_on_one_replica_completes_on_another_and_replays_are_refused() {
@@ -700,7 +716,28 @@ async fn store_copy_round_trips_sqlite_postgres_sqlite_with_different_keys() {
     );
     assert!(run(&["store", "copy", "--from", first_s, "--to", shared_s]).contains("copied 3"));
     assert!(run(&["connections", "list", "--config", shared_s]).contains("reauth_required"));
-    assert!(run(&["store", "copy", "--from", shared_s, "--to", last_s]).contains("copied 3"));
+    let mut import = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
+        .args([
+            "connections",
+            "import",
+            "--config",
+            shared_s,
+            "--user",
+            "zed",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut import.stdin.take().unwrap(), b"refresh-zed\n").unwrap();
+    assert!(import.wait().unwrap().success());
+    let imported = open(&shared)
+        .load(&ConnectionKey::user("zed").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(imported.refresh_token.expose_secret(), "refresh-zed");
+    assert!(run(&["store", "copy", "--from", shared_s, "--to", last_s]).contains("copied 4"));
 
     let (source, target) = (open(&first), open(&last));
     for key in &keys {
