@@ -1463,6 +1463,43 @@ async fn lost_response_fault_closes_the_connection_after_rotating() {
 }
 
 #[tokio::test]
+async fn delayed_token_answers_rotate_at_once_and_answer_later() {
+    let sim = Sim::with_control();
+    let grant = sim.ctl.create_grant("slow-user").await.expect("grant");
+    sim.ctl
+        .set_faults(&Faults {
+            token_answer_delay_ms: 60_000,
+            ..Faults::default()
+        })
+        .await
+        .expect("faults");
+    // A client that gives up before the answer arrives...
+    let outcome = sim
+        .http
+        .post(sim.url("/auth/token"))
+        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+        .timeout(std::time::Duration::from_millis(300))
+        .json(&json!({ "grant_type": "refresh_token", "refresh_token": grant.refresh_token }))
+        .send()
+        .await;
+    assert!(outcome.is_err(), "expected a timeout, got {outcome:?}");
+    // ...has already rotated the token: the grant took effect before the answer was sent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sim.ctl.stats().await.expect("stats").refresh_grants != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sim.ctl
+        .set_faults(&Faults::default())
+        .await
+        .expect("faults");
+    assert_invalid_grant(sim.refresh(&grant.refresh_token).await).await;
+}
+
+#[tokio::test]
 async fn reset_clears_faults_and_optionally_state() {
     let sim = Sim::with_control();
     let grant = sim.ctl.create_grant("reset-user").await.expect("grant");

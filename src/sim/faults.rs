@@ -38,6 +38,10 @@ pub struct Faults {
     /// (new tokens become current, a refresh token is rotated), then the connection is closed
     /// without any response.
     pub lost_response_rate: f64,
+    /// Milliseconds between a successful `/auth/token` grant taking effect (a refresh token is
+    /// rotated at once) and its answer being sent, as a slow network would deliver it: a client
+    /// that goes away meanwhile never learns the new tokens.
+    pub token_answer_delay_ms: u64,
     /// When set, at most this many faults (errors, 429s, lost responses; not latency) fire in
     /// total; after that the simulator behaves normally until faults are set again.
     pub budget: Option<u64>,
@@ -124,6 +128,14 @@ impl FaultState {
             return Err(FinxError::server_error(status));
         }
         Ok(())
+    }
+
+    /// How long the answer to a successful grant is held back.
+    pub(crate) fn answer_delay(&self) -> Duration {
+        if !self.active.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.get().token_answer_delay_ms)
     }
 
     /// Whether the answer to a successful grant is to be lost.

@@ -61,6 +61,11 @@ pub(crate) async fn token(
     bump(&state.counters.token_requests);
     match grant(&state, &headers, body).await {
         Ok(tokens) => {
+            // The grant has taken effect; only its answer is late.
+            let delay = state.faults.answer_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let mut response = success(&tokens);
             if state.faults.lose_response() {
                 bump(&state.counters.lost_responses);
