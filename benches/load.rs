@@ -10,12 +10,21 @@
 //! * (c) resident memory per cached connection, warming 100,000 users through a fresh gateway;
 //! * (d) a refresh storm: 1,000 users × 10 concurrent requests whose access tokens all expire
 //!   at once, with 50 ms added to the simulator's token endpoint, while other users keep
-//!   sending paced requests.
+//!   sending paced requests;
+//! * (e) three gateway replicas on one shared PostgreSQL store (`load/replicas.rs`): cache-hit
+//!   throughput of each replica alone and of the three at once, against the single SQLite
+//!   gateway; and a refresh storm that sends every replica a request for every user at once.
 //!
 //! Output: Markdown on stdout and `$CARGO_TARGET_DIR/bench/load.json` (default
-//! `target/bench/load.json`). `cargo bench --bench load -- --quick` is a smoke run of well
-//! under a minute (one round of one second, fewer users). Nothing is asserted: targets are
-//! reported, not enforced.
+//! `target/bench/load.json`). `cargo bench --bench load -- --quick` is a smoke run of a minute
+//! or two (one round of one second, fewer users). `--scenario a,b,e` (or `--scenario e`) runs
+//! only those scenarios; all by default. `--threads N` sets the proxies' threads.
+//!
+//! Performance targets are reported, not enforced. Scenario (e) checks correctness: exactly one
+//! refresh per user, no refresh-token reuse, no revoked family, every request answered; a
+//! failed check is reported, then the run exits non-zero. (e) needs PostgreSQL at
+//! `FINX_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and fails,
+//! before anything else runs, when it cannot create its database there.
 
 #[path = "load/affinity.rs"]
 mod affinity;
@@ -27,9 +36,12 @@ mod generator;
 mod nginx;
 #[path = "load/passthrough.rs"]
 mod passthrough;
+#[path = "load/replicas.rs"]
+mod replicas;
 #[path = "load/report.rs"]
 mod report;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +74,10 @@ struct Plan {
     storm_fanout: usize,
     calm_users: usize,
     calm_seconds: u64,
+    /// (e): total connections of the cache-hit runs (split over the replicas when at once).
+    replica_concurrencies: [usize; 2],
+    /// (e): users in the refresh storm across the replicas.
+    replica_storm_users: usize,
 }
 
 impl Plan {
@@ -76,6 +92,8 @@ impl Plan {
             storm_fanout: 10,
             calm_users: 200,
             calm_seconds: 2,
+            replica_concurrencies: [16, 64],
+            replica_storm_users: 1_000,
         }
     }
 
@@ -90,6 +108,8 @@ impl Plan {
             storm_fanout: 10,
             calm_users: 50,
             calm_seconds: 1,
+            replica_concurrencies: [16, 64],
+            replica_storm_users: 300,
         }
     }
 }
@@ -101,9 +121,72 @@ const WARM_CONNECTIONS: usize = 64;
 
 type BenchResult<T> = Result<T, String>;
 
+/// Every scenario, in the order they run.
+const SCENARIOS: &str = "abcde";
+
+/// The scenarios to run: `--scenario a,b,e`, `--scenario=e` or several `--scenario` options;
+/// all of them when there is none.
+struct Selection(BTreeSet<char>);
+
+impl Selection {
+    fn parse(args: &[String]) -> BenchResult<Self> {
+        let mut chosen = BTreeSet::new();
+        let mut any = false;
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            let list = if arg == "--scenario" || arg == "--scenarios" {
+                iter.next().ok_or("--scenario needs a list such as a,b,e")?
+            } else if let Some(list) = arg
+                .strip_prefix("--scenario=")
+                .or_else(|| arg.strip_prefix("--scenarios="))
+            {
+                list
+            } else {
+                continue;
+            };
+            any = true;
+            for name in list.split([',', ' ']).filter(|name| !name.is_empty()) {
+                let letter = name.to_ascii_lowercase();
+                match letter.chars().next() {
+                    Some(c) if letter.len() == 1 && SCENARIOS.contains(c) => {
+                        chosen.insert(c);
+                    }
+                    _ => {
+                        return Err(format!(
+                            "unknown scenario {name:?}: choose from a, b, c, d, e"
+                        ))
+                    }
+                }
+            }
+        }
+        if !any {
+            chosen.extend(SCENARIOS.chars());
+        }
+        if chosen.is_empty() {
+            return Err("--scenario: no scenario given".into());
+        }
+        Ok(Self(chosen))
+    }
+
+    fn has(&self, scenario: char) -> bool {
+        self.0.contains(&scenario)
+    }
+
+    fn describe(&self) -> String {
+        self.0.iter().collect()
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|arg| arg == "--quick");
+    let selection = match Selection::parse(&args) {
+        Ok(selection) => selection,
+        Err(error) => {
+            eprintln!("load bench: {error}");
+            std::process::exit(2);
+        }
+    };
     // `--threads N`: pingora threads of gateway and passthrough, nginx workers (default: the
     // gateway's default).
     let threads = args
@@ -115,6 +198,7 @@ fn main() {
         if quick { Plan::quick() } else { Plan::full() },
         quick,
         threads,
+        &selection,
     ) {
         eprintln!("load bench failed: {error}");
         std::process::exit(1);
@@ -129,7 +213,14 @@ struct Target {
     script: PathBuf,
 }
 
-fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
+fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -> BenchResult<()> {
+    // Scenario (e)'s database first: without PostgreSQL the run fails before measuring anything.
+    // Declared first, so it is dropped last, after every replica.
+    let database = if selection.has('e') {
+        Some(replicas::BenchDatabase::create()?)
+    } else {
+        None
+    };
     let open_files = affinity::raise_open_file_limit(131_072);
     let machine = machine_description();
     let layout = CoreLayout::detect();
@@ -178,15 +269,19 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         }
     );
     println!(
-        "- runs: {} round(s) × {} s per target and concurrency, targets rotated each round; open-file limit {open_files}\n",
+        "- runs: {} round(s) × {} s per target and concurrency, targets rotated each round; open-file limit {open_files}",
         plan.rounds, plan.seconds_per_run
     );
+    println!("- scenarios: {}\n", selection.describe());
 
     let mut cells: Vec<Cell> = Vec::new();
     for (scenario, prefix, user_count) in [
         ("a: 1 user", "one", 1),
         ("b: many users", "many", plan.many_users),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(scenario, _, _)| selection.has(scenario.chars().next().unwrap_or(' ')))
+    {
         let users: Arc<Vec<String>> = Arc::new(
             (0..user_count)
                 .map(|i| format!("{prefix}-{i:06}"))
@@ -290,25 +385,122 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         }
     }
 
-    let memory = cached_connection_memory(&plan, &layout, &runtime, &sim, &sim_config)?;
-    let storm = refresh_storm(
-        open_files,
-        &plan,
-        &layout,
-        &runtime,
-        &control,
-        &store,
-        &clock,
-        &gateway,
-        &caller_bearer,
-    )?;
+    let memory = if selection.has('c') {
+        Some(cached_connection_memory(
+            &plan,
+            &layout,
+            &runtime,
+            &sim,
+            &sim_config,
+        )?)
+    } else {
+        None
+    };
+    let storm = if selection.has('d') {
+        Some(refresh_storm(
+            open_files,
+            &plan,
+            &layout,
+            &runtime,
+            &control,
+            &store,
+            &clock,
+            &gateway,
+            &caller_bearer,
+        )?)
+    } else {
+        None
+    };
+    let replicated = match &database {
+        Some(database) => {
+            let replica_configs =
+                replicas::replica_configs(&files, &sim.base_url(), &sim_config, threads, database)?;
+            let bench = replicas::Bench {
+                plan: &plan,
+                layout: &layout,
+                runtime: &runtime,
+                generator: &generator,
+                scripts: scripts.path(),
+                control: &control,
+                clock: &clock,
+                open_files,
+                single: &gateway,
+                single_store: &store,
+                caller_bearer: &caller_bearer,
+            };
+            Some(replicas::run(
+                &bench,
+                &replica_configs,
+                database,
+                &mut cells,
+            )?)
+        }
+        None => None,
+    };
 
     let ratios = report::ratios(&cells);
-    println!("## Throughput and latency\n");
-    println!("{}", report::markdown_table(&cells));
-    println!("spread = ±half the range of req/s over the rounds, in % of the median; latencies are medians over rounds.\n");
-    println!("## Gateway ratios\n");
-    println!("{}", report::markdown_ratios(&ratios));
+    if !cells.is_empty() {
+        println!("## Throughput and latency\n");
+        println!("{}", report::markdown_table(&cells));
+        println!("spread = ±half the range of req/s over the rounds, in % of the median; latencies are medians over rounds.\n");
+    }
+    if !ratios.is_empty() {
+        println!("## Gateway ratios\n");
+        println!("{}", report::markdown_ratios(&ratios));
+    }
+    if let Some(memory) = &memory {
+        print_memory(memory);
+    }
+    if let Some(storm) = &storm {
+        print_storm(storm);
+    }
+    if let Some(replicated) = &replicated {
+        println!("## Replicas on one PostgreSQL store (e)\n");
+        println!("{}", replicas::markdown(replicated));
+    }
+
+    let document = json!({
+        "quick": quick,
+        "scenarios": selection.describe(),
+        "machine": machine,
+        "placement": layout.describe(),
+        "generator": generator.describe(),
+        "nginx": nginx_binary.as_ref().map(|p| p.display().to_string()),
+        "pingora_threads": config.server.threads,
+        "rounds": plan.rounds,
+        "seconds_per_run": plan.seconds_per_run,
+        "cells": cells.iter().map(|c| json!({
+            "scenario": c.scenario, "target": c.target, "concurrency": c.concurrency,
+            "median": c.medians(), "rounds": c.rounds,
+        })).collect::<Vec<_>>(),
+        "ratios": ratios,
+        "memory": memory,
+        "storm": storm,
+        "replicas": replicated,
+    });
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let out = out_dir.join("load.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    println!("JSON: {}", out.display());
+    drop(passthrough);
+    drop(gateway);
+    match replicated {
+        Some(replicated) if !replicated.checks_failed.is_empty() => Err(format!(
+            "scenario e: {}",
+            replicated.checks_failed.join("; ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn print_memory(memory: &MemoryResult) {
     println!("## Memory per cached connection (c)\n");
     println!(
         "{} users warmed through a fresh gateway: VmRSS {} KiB → {} KiB, {:.0} bytes per cached connection ({} cache entries; simulator, store page cache and allocator slack included)\n",
@@ -318,6 +510,9 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         memory.bytes_per_connection,
         memory.cached_entries
     );
+}
+
+fn print_storm(storm: &StormResult) {
     println!("## Refresh storm (d)\n");
     println!(
         "{} users × {} concurrent requests ({} in flight at once), tokens expired together, token endpoint +{} ms:\n\n\
@@ -355,38 +550,6 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>) -> BenchResult<()> {
         storm.during_equal_burst_p99_ms,
         storm.during_p99_ms / storm.during_equal_burst_p99_ms
     );
-
-    let document = json!({
-        "quick": quick,
-        "machine": machine,
-        "placement": layout.describe(),
-        "generator": generator.describe(),
-        "nginx": nginx_binary.as_ref().map(|p| p.display().to_string()),
-        "pingora_threads": config.server.threads,
-        "rounds": plan.rounds,
-        "seconds_per_run": plan.seconds_per_run,
-        "cells": cells.iter().map(|c| json!({
-            "scenario": c.scenario, "target": c.target, "concurrency": c.concurrency,
-            "median": c.medians(), "rounds": c.rounds,
-        })).collect::<Vec<_>>(),
-        "ratios": ratios,
-        "memory": memory,
-        "storm": storm,
-    });
-    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
-        .join("bench");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let out = out_dir.join("load.json");
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    println!("JSON: {}", out.display());
-    drop(passthrough);
-    drop(gateway);
-    Ok(())
 }
 
 fn machine_description() -> String {
@@ -430,6 +593,19 @@ async fn seed_users(
     clock: &ManualClock,
     users: &[String],
 ) -> BenchResult<Vec<String>> {
+    seed_users_into(control, &[store], clock, users, true).await
+}
+
+/// Consents every user at the simulator and stores the grant in each of `stores`: with its
+/// access token when `with_access`, else its refresh token only (the first request refreshes).
+/// Returns the access tokens in user order.
+async fn seed_users_into(
+    control: &SimControl,
+    stores: &[&Arc<dyn TokenStore>],
+    clock: &ManualClock,
+    users: &[String],
+    with_access: bool,
+) -> BenchResult<Vec<String>> {
     futures::stream::iter(users.iter().map(|user| async move {
         let grant = control
             .create_grant(user)
@@ -438,16 +614,18 @@ async fn seed_users(
         let key = ConnectionKey::user(user).map_err(|_| format!("bad user id {user}"))?;
         let connection = NewConnection {
             refresh_token: SecretString::from(grant.refresh_token),
-            access: Some(AccessToken {
+            access: with_access.then(|| AccessToken {
                 token: SecretString::from(grant.access_token.clone()),
                 expires_at: clock.now() + grant.expires_in as i64,
             }),
             scope: None,
         };
-        store
-            .put_connection(&key, &connection, clock.now())
-            .await
-            .map_err(|e| format!("store put: {e}"))?;
+        for store in stores {
+            store
+                .put_connection(&key, &connection, clock.now())
+                .await
+                .map_err(|e| format!("store put: {e}"))?;
+        }
         Ok::<_, String>(grant.access_token)
     }))
     .buffered(WARM_CONNECTIONS)

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use pingora::server::RunArgs;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::clock::{Clock, SystemClock};
@@ -25,11 +28,16 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the gateway.
+    /// Run the gateway. SIGTERM or SIGINT stop it gracefully; SIGQUIT hands its listening
+    /// sockets to a new process started with `--upgrade`.
     Serve {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over the listening sockets of the running gateway (graceful upgrade), which is
+        /// then sent SIGQUIT.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file, reporting every problem; non-zero exit when there is one.
     CheckConfig {
@@ -154,7 +162,7 @@ pub fn run() -> ExitCode {
 
 fn execute(command: Command) -> Result<(), String> {
     match command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, upgrade } => serve(&config, upgrade),
         Command::CheckConfig { config } => check_config(&config),
         Command::Sim(args) => crate::sim::run(args).map_err(|e| e.to_string()),
         Command::Demo(args) => crate::demo::run(args),
@@ -208,16 +216,25 @@ fn load(path: &Path) -> Result<Config, String> {
     Config::load(path).map_err(|e| e.to_string())
 }
 
-fn serve(path: &Path) -> Result<(), String> {
-    let config = load(path)?;
+fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
+    let mut config = load(path)?;
+    config.server.upgrade = upgrade;
     let _log_writer = crate::telemetry::init(&config.telemetry);
     let _serving = crate::lock_store_for_serving(&config).map_err(|e| e.to_string())?;
     tracing::info!(store = %config.store.describe(), "opening the token store");
     let store = crate::open_store(&config, OpenWait::UntilReachable).map_err(|e| e.to_string())?;
-    let (server, _tokens) =
+    let built =
         crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
-    tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, "finx-gateway serving");
-    server.run_forever()
+    tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
+    built.server.run(RunArgs {
+        shutdown_signal: Box::new(crate::GatewaySignals),
+    });
+    // The listeners are closed and requests drained; a refresh started is a refresh stored.
+    let finished = built
+        .tokens
+        .shutdown(config.upstream.token_timeout + Duration::from_secs(5));
+    tracing::info!(refreshes_finished = finished, "finx-gateway stopped");
+    Ok(())
 }
 
 fn check_config(path: &Path) -> Result<(), String> {

@@ -160,9 +160,7 @@ impl From<TokenError> for GatewayError {
             TokenError::Unavailable { retry_after_secs } => {
                 Self::UpstreamUnavailable { retry_after_secs }
             }
-            TokenError::Timeout => Self::UpstreamTimeout {
-                retry_after_secs: 1,
-            },
+            TokenError::Timeout { retry_after_secs } => Self::UpstreamTimeout { retry_after_secs },
             TokenError::Store => Self::StoreUnavailable,
             TokenError::Internal => Self::Internal,
         }

@@ -5,6 +5,20 @@
 //! [`open_store`] and [`build_server`] build the pieces, [`RunningGateway`] runs them on a
 //! thread of its own and stops them again.
 
+/// A named fail point: with the `failpoints` feature, logs that it was reached and then acts as
+/// the `FAILPOINTS` environment variable says (the `fail` crate: `sleep(60000)`, `panic`, …),
+/// so process-level fault tests can kill the gateway at an exact moment. Nothing otherwise.
+#[macro_export]
+macro_rules! fail_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            tracing::warn!(point = $name, "fail point reached");
+            fail::fail_point!($name);
+        }
+    };
+}
+
 pub mod callers;
 pub mod cli;
 pub mod clock;
@@ -41,7 +55,9 @@ pub use crate::store::postgres::OpenWait;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::TokenStore;
-use crate::tokens::{TokenClient, TokenManager};
+use crate::tokens::journal::Journal;
+use crate::tokens::keeper::Keeper;
+use crate::tokens::{TokenClient, TokenEndpoint, TokenManager, TokenSettings};
 
 /// Why the gateway could not start. Messages never contain secrets.
 #[derive(Debug, thiserror::Error)]
@@ -56,19 +72,20 @@ pub enum StartError {
     Setup(String),
 }
 
-/// Proof that this process is the one serving an embedded store: SQLite is for one gateway
-/// process, because two would refresh the same connections without knowing of each other.
-/// Operator commands (`connections import`, `list`) open the store without it. A shared
-/// (PostgreSQL) store needs none: the database serialises refreshes across replicas.
+/// Proof that this process is the one serving an embedded store (SQLite is for one gateway
+/// process, because two would refresh the same connections without knowing of each other) or,
+/// on the shared store, the one using its journal. Operator commands (`connections import`,
+/// `list`) open the store without it.
 pub struct ServingLock {
-    _file: Option<std::fs::File>,
+    _file: std::fs::File,
 }
 
-/// Takes the embedded store's serving lock (`<store>.lock`), or says which store is already
-/// served. A no-op for the shared store.
+/// Takes the serving lock: `<store>.lock` for the embedded store, `<journal>.lock` for the
+/// shared one (each replica needs a journal of its own); or says which is already served.
 pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
-    let StoreBackend::Sqlite { path: store_path } = &config.store.backend else {
-        return Ok(ServingLock { _file: None });
+    let store_path = match &config.store.backend {
+        StoreBackend::Sqlite { path } => path,
+        StoreBackend::Postgres(_) => &config.store.journal,
     };
     let mut path = store_path.clone().into_os_string();
     path.push(".lock");
@@ -80,10 +97,10 @@ pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError
         .open(&path)
         .map_err(|e| StartError::Store(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
-        Ok(()) => Ok(ServingLock { _file: Some(file) }),
+        Ok(()) => Ok(ServingLock { _file: file }),
         Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Store(format!(
-            "another finx-gateway process is serving the token store {} (lock {}); one store \
-             serves one gateway process",
+            "another finx-gateway process is serving {} (lock {}); an embedded store, and a \
+             replica's journal, serve one gateway process",
             store_path.display(),
             path.display()
         ))),
@@ -125,41 +142,69 @@ fn token_client(config: &Config) -> Result<TokenClient, StartError> {
     .map_err(|e| StartError::Setup(format!("HTTP client for finX: {e}")))
 }
 
-/// The token manager for `config`, over `store`.
+/// How the token manager refreshes, from `[tokens]`, `[upstream]` and `[store]`.
+pub fn token_settings(config: &Config) -> TokenSettings {
+    TokenSettings {
+        refresh_skew: config.tokens.refresh_skew,
+        refresh_ahead: config.tokens.refresh_ahead,
+        forced_refresh_interval: config.tokens.forced_refresh_interval,
+        one_time_retention: config.tokens.one_time_retention,
+        cache_capacity: config.tokens.cache_capacity,
+        shared_store: matches!(config.store.backend, StoreBackend::Postgres(_)),
+        // The token call's own limit, plus the commit and a margin.
+        refresh_hold_limit: config.upstream.token_timeout + Duration::from_secs(5),
+        rotation_grace: config.upstream.rotation_grace,
+        touch_interval: Duration::from_secs(24 * 3600),
+    }
+}
+
+/// The token manager for `config`, over `store`, with a finX client of its own (its connections
+/// live on the manager's runtime) and the local journal of uncommitted grants.
 pub fn build_token_manager(
     config: &Config,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<TokenManager, StartError> {
-    Ok(token_manager(config, store, clock, token_client(config)?))
-}
-
-fn token_manager(
-    config: &Config,
-    store: Arc<dyn TokenStore>,
-    clock: Arc<dyn Clock>,
-    client: TokenClient,
-) -> TokenManager {
+    let key = config
+        .store
+        .encryption_key
+        .load()
+        .map_err(|e| StartError::Key(e.to_string()))?;
+    let journal = Journal::new(config.store.journal.clone(), key);
+    let endpoint: Arc<dyn TokenEndpoint> = Arc::new(token_client(config)?);
     TokenManager::new(
         store,
-        client,
+        endpoint,
         clock,
-        config.tokens.refresh_skew,
-        config.tokens.one_time_retention,
-        config.tokens.cache_capacity,
+        token_settings(config),
+        Some(journal),
     )
+    .map_err(|e| StartError::Setup(e.to_string()))
 }
 
-/// Builds the pingora server with the proxy service listening on `config.listen`; returns it
-/// with its token manager.
+/// A gateway built and ready to run: the pingora server, its token manager and the keeper.
+pub struct BuiltGateway {
+    pub server: Server,
+    pub tokens: TokenManager,
+    pub keeper: Option<Arc<Keeper>>,
+}
+
+/// Builds the pingora server with the proxy service listening on `config.listen`, its token
+/// manager (which starts finishing what an earlier run left behind) and the keeper (started).
 pub fn build_server(
     config: &Config,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
-) -> Result<(Server, TokenManager), StartError> {
-    // One client, one connection pool to finX, for refreshes, code exchanges and flow starts.
+) -> Result<BuiltGateway, StartError> {
+    let tokens = build_token_manager(config, store.clone(), clock.clone())?;
+    tokens.recover();
+    let keeper = config.keeper.clone().map(|settings| {
+        let keeper = Arc::new(tokens.keeper(settings));
+        keeper.start();
+        keeper
+    });
+    // Code exchanges and flow starts run on pingora's runtime, with a client of their own.
     let client = token_client(config)?;
-    let tokens = token_manager(config, store.clone(), clock.clone(), client.clone());
     let connect = config.connect.as_ref().map(|settings| {
         Arc::new(ConnectService::new(
             settings.clone(),
@@ -170,7 +215,11 @@ pub fn build_server(
         ))
     });
     let server = build_proxy_server(config, tokens.clone(), connect)?;
-    Ok((server, tokens))
+    Ok(BuiltGateway {
+        server,
+        tokens,
+        keeper,
+    })
 }
 
 /// The pingora server (runtime, threads, upstream pool) for `config`, bootstrapped, without
@@ -182,9 +231,14 @@ pub fn pingora_server(config: &Config) -> Server {
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: config.upstream.pool_size,
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    let options = pingora::server::configuration::Opt {
+        upgrade: config.server.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(options, server_conf);
     server.bootstrap();
     server
 }
@@ -238,11 +292,47 @@ fn build_proxy_server(
         user_header: config.routing.user_header.clone(),
         flow_header: config.routing.flow_header.clone(),
         connect,
+        replay_body_limit: config.tokens.replay_body_limit,
     });
     let mut service = http_proxy_service_with_name(&server.configuration, proxy, "finx-gateway");
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);
     Ok(server)
+}
+
+/// The gateway's signals: SIGTERM **and SIGINT** stop gracefully (stop accepting, drain within
+/// `server.grace_period`; the caller then waits for refreshes in flight), SIGQUIT hands the
+/// listening sockets to a process started with `serve --upgrade`, then stops gracefully.
+/// (pingora's own watcher makes SIGINT a fast shutdown that drops refreshes mid-flight.)
+pub struct GatewaySignals;
+
+#[async_trait]
+impl ShutdownSignalWatch for GatewaySignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot listen for signals; stopping");
+            return ShutdownSignal::GracefulTerminate;
+        };
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM: stopping gracefully");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT: stopping gracefully");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing the listeners to the new process, then stopping");
+                ShutdownSignal::GracefulUpgrade
+            }
+        }
+    }
 }
 
 /// Stops a server run by [`ServerThread`] when its sender fires or is dropped.
@@ -310,8 +400,9 @@ impl Drop for ServerThread {
 /// The gateway on a thread of its own, as tests, the demo and the benches run it. Dropping it
 /// stops the server, then releases the store's serving lock.
 pub struct RunningGateway {
-    server: ServerThread,
+    server: Option<ServerThread>,
     tokens: TokenManager,
+    keeper: Option<Arc<Keeper>>,
     _serving: ServingLock,
 }
 
@@ -327,17 +418,29 @@ impl RunningGateway {
         if config.listen.port() == 0 {
             config.listen = reserve_port(config.listen.ip())?;
         }
-        let (server, tokens) = build_server(&config, store, clock)?;
+        let built = build_server(&config, store, clock)?;
         Ok(Self {
-            server: ServerThread::spawn(server, config.listen, "finx-gateway")?,
-            tokens,
+            server: Some(ServerThread::spawn(
+                built.server,
+                config.listen,
+                "finx-gateway",
+            )?),
+            tokens: built.tokens,
+            keeper: built.keeper,
             _serving: serving,
         })
     }
 
     /// Where the gateway listens.
     pub fn addr(&self) -> SocketAddr {
-        self.server.addr()
+        self.server
+            .as_ref()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), ServerThread::addr)
+    }
+
+    /// The keeper, when `[keeper]` is enabled.
+    pub fn keeper(&self) -> Option<&Arc<Keeper>> {
+        self.keeper.as_ref()
     }
 
     /// `http://ip:port`.
@@ -353,6 +456,14 @@ impl RunningGateway {
     /// Stops the server and waits for its thread.
     pub fn stop(self) {
         drop(self);
+    }
+}
+
+impl Drop for RunningGateway {
+    /// The server stops first (no new requests), then refreshes in flight finish.
+    fn drop(&mut self) {
+        drop(self.server.take());
+        self.tokens.shutdown(Duration::from_secs(10));
     }
 }
 

@@ -324,6 +324,7 @@ secret = {{ file = "client-secret" }}
 kind = "postgres"
 url = {{ file = "{name}.url" }}
 encryption_key = {{ file = "store.key" }}
+journal = "{name}.journal"
 pool_size = 4
 tls = "disable"
 connect_timeout = "1s"
@@ -677,7 +678,7 @@ async fn store_copy_round_trips_sqlite_postgres_sqlite_with_different_keys() {
 
     // Migrations: applied once, a second run is a no-op.
     assert!(
-        run(&["store", "migrate", "--config", shared.to_str().unwrap()]).contains("1 migration")
+        run(&["store", "migrate", "--config", shared.to_str().unwrap()]).contains("2 migration")
     );
     assert!(
         run(&["store", "migrate", "--config", shared.to_str().unwrap()]).contains("0 migration")

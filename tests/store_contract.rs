@@ -19,6 +19,9 @@ use support::pg::TestDatabase;
 
 const NOW: i64 = 1_700_000_000;
 
+/// The PostgreSQL schema migrations this build carries.
+const MIGRATIONS: &str = "2";
+
 fn user(id: &str) -> ConnectionKey {
     ConnectionKey::user(id).unwrap()
 }
@@ -202,6 +205,22 @@ impl TokenStore for NoStore {
         unreachable!()
     }
     async fn copy_in(&self, _: &Connection) -> Result<CopyOutcome, StoreError> {
+        unreachable!()
+    }
+    async fn touch(&self, _: &ConnectionKey, _: i64) -> Result<(), StoreError> {
+        unreachable!()
+    }
+    async fn pending_intents(
+        &self,
+    ) -> Result<Vec<(ConnectionKey, finx_gateway::store::RefreshIntent)>, StoreError> {
+        unreachable!()
+    }
+    async fn due_for_keeping(
+        &self,
+        _: i64,
+        _: i64,
+        _: u32,
+    ) -> Result<Vec<ConnectionKey>, StoreError> {
         unreachable!()
     }
 }
@@ -612,6 +631,7 @@ async fn copy_in_writes_and_refuses_to_overwrite_a_newer_row(fx: Fixture) {
         refreshed_at: Some(NOW - 10),
         synced_at: None,
         updated_at: NOW - 10,
+        last_used_at: Some(NOW - 20),
     };
     assert_eq!(
         fx.store.copy_in(&source).await.unwrap(),
@@ -768,7 +788,7 @@ async fn postgres_migrations_are_idempotent_and_safe_when_replicas_start_togethe
     }
     assert_eq!(
         db.query_text("SELECT count(*)::text FROM _sqlx_migrations"),
-        Some("1".into())
+        Some(MIGRATIONS.into())
     );
     let applied = PostgresStore::migrate_only(&pg_settings(&db.url, Duration::from_secs(10))).await;
     assert_eq!(applied.unwrap(), 0);

@@ -192,7 +192,11 @@ impl Generator {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|handle| handle.join().map_err(|_| "wrk thread panicked".to_owned())?)
+                    .map(|handle| {
+                        handle
+                            .join()
+                            .map_err(|_| "wrk thread panicked".to_owned())?
+                    })
                     .collect()
             }),
             Self::Builtin => {

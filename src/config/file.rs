@@ -23,6 +23,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub tokens: TokensFile,
     #[serde(default)]
+    pub keeper: KeeperFile,
+    #[serde(default)]
     pub routing: RoutingFile,
     #[serde(default)]
     pub telemetry: TelemetryFile,
@@ -73,6 +75,9 @@ pub struct UpstreamFile {
     #[serde(default, with = "humantime_serde")]
     pub token_timeout: Option<Duration>,
     pub pool_size: Option<usize>,
+    /// How long finX accepts a just-rotated refresh token once more (0: strict rotation).
+    #[serde(default, with = "humantime_serde")]
+    pub rotation_grace: Option<Duration>,
 }
 
 /// `[client]`: the finX client credentials.
@@ -107,6 +112,9 @@ pub struct StoreFile {
     pub tls: Option<String>,
     /// CA certificate (PEM) for `verify-ca` / `verify-full`.
     pub ca_file: Option<PathBuf>,
+    /// The local journal of grants the store refused (default: beside the SQLite file, or
+    /// `finx-gateway.journal` beside the config file for PostgreSQL).
+    pub journal: Option<PathBuf>,
 }
 
 /// `[tokens]`
@@ -119,6 +127,31 @@ pub struct TokensFile {
     /// How long one-time flow connections are kept (finX deletes their data after an hour).
     #[serde(default, with = "humantime_serde")]
     pub one_time_retention: Option<Duration>,
+    /// The share of an access token's life, at its end, in which it is refreshed in the
+    /// background while still served (0.0–0.9; at least twice `refresh_skew` either way).
+    pub refresh_ahead: Option<f64>,
+    /// At most one refresh forced by a finX 401 per connection per this interval.
+    #[serde(default, with = "humantime_serde")]
+    pub forced_refresh_interval: Option<Duration>,
+    /// Request bodies up to this size are kept so an idempotent request can be replayed after
+    /// a finX 401; larger ones are never replayed.
+    pub replay_body_limit: Option<usize>,
+}
+
+/// `[keeper]`: refreshing idle connections before finX lets them lapse.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeeperFile {
+    pub enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_refresh_age: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_idle: Option<Duration>,
+    pub concurrency: Option<usize>,
+    pub rate_per_sec: Option<u32>,
+    pub batch: Option<u32>,
 }
 
 /// `[routing]`
@@ -144,4 +177,7 @@ pub struct ServerFile {
     pub threads: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
+    /// The Unix socket over which a process started with `serve --upgrade` takes the running
+    /// one's listening sockets.
+    pub upgrade_sock: Option<PathBuf>,
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub store: StoreConfig,
     pub tokens: TokensConfig,
+    /// Refreshing idle connections; `None` when `[keeper] enabled = false`.
+    pub keeper: Option<KeeperConfig>,
     pub routing: RoutingConfig,
     pub telemetry: TelemetryConfig,
     pub server: ServerConfig,
@@ -135,6 +137,8 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     /// Total time allowed for one `/auth/token` call.
     pub token_timeout: Duration,
+    /// How long finX accepts a just-rotated refresh token once more (0: strict rotation).
+    pub rotation_grace: Duration,
     /// Idle upstream connections kept per thread.
     pub pool_size: usize,
 }
@@ -150,6 +154,8 @@ pub struct ClientConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
+    /// The local journal of grants the store refused.
+    pub journal: PathBuf,
     /// Where the encryption key is read from (checked during validation).
     pub encryption_key: KeySource,
 }
@@ -184,7 +190,16 @@ pub struct TokensConfig {
     pub cache_capacity: u64,
     /// How long one-time flow connections are kept.
     pub one_time_retention: Duration,
+    /// The share of a token's life, at its end, in which it is refreshed in the background.
+    pub refresh_ahead: f64,
+    /// At most one refresh forced by a finX 401 per connection per this interval.
+    pub forced_refresh_interval: Duration,
+    /// Request bodies up to this size are kept for a replay after a finX 401.
+    pub replay_body_limit: usize,
 }
+
+/// The keeper of idle connections; `None` in [`Config::keeper`] when disabled.
+pub type KeeperConfig = crate::tokens::keeper::KeeperSettings;
 
 /// How callers name the connection a request is for.
 #[derive(Debug, Clone)]
@@ -213,6 +228,10 @@ pub struct TelemetryConfig {
 pub struct ServerConfig {
     pub threads: usize,
     pub grace_period: Duration,
+    /// Where listening sockets are handed over in a graceful upgrade.
+    pub upgrade_sock: PathBuf,
+    /// Take the listening sockets of a running gateway (`serve --upgrade`); not from the file.
+    pub upgrade: bool,
 }
 
 /// Default listener: loopback, as a sidecar.
@@ -324,6 +343,29 @@ impl Config {
             .tokens
             .one_time_retention
             .unwrap_or(Duration::from_secs(3600));
+        let refresh_ahead = file.tokens.refresh_ahead.unwrap_or(0.1);
+        if !(0.0..=0.9).contains(&refresh_ahead) {
+            errors.push("tokens.refresh_ahead: must be between 0.0 and 0.9".into());
+        }
+        let forced_refresh_interval = file
+            .tokens
+            .forced_refresh_interval
+            .unwrap_or(Duration::from_secs(60));
+        let replay_body_limit = file.tokens.replay_body_limit.unwrap_or(64 * 1024);
+        if replay_body_limit > 64 * 1024 {
+            // pingora keeps at most 64 KiB of a request body for a retry.
+            errors.push("tokens.replay_body_limit: at most 65536 bytes".into());
+        }
+        let keeper = validate_keeper(&file.keeper, &mut errors);
+        let journal = match (&file.store.journal, &store_backend) {
+            (Some(path), _) => base_dir.join(path),
+            (None, Some(StoreBackend::Sqlite { path })) => {
+                let mut journal = path.clone().into_os_string();
+                journal.push(".journal");
+                PathBuf::from(journal)
+            }
+            (None, _) => base_dir.join("finx-gateway.journal"),
+        };
 
         let callers = match CallerAuth::from_file(&file.callers, base_dir) {
             Ok(callers) => {
@@ -367,13 +409,18 @@ impl Config {
                 client: ClientConfig { id, secret },
                 store: StoreConfig {
                     backend,
+                    journal,
                     encryption_key,
                 },
                 tokens: TokensConfig {
                     refresh_skew,
                     cache_capacity,
                     one_time_retention,
+                    refresh_ahead,
+                    forced_refresh_interval,
+                    replay_body_limit,
                 },
+                keeper,
                 routing: RoutingConfig {
                     user_header,
                     flow_header,
@@ -382,6 +429,11 @@ impl Config {
                 server: ServerConfig {
                     threads,
                     grace_period,
+                    upgrade_sock: file.server.upgrade_sock.as_ref().map_or_else(
+                        || PathBuf::from("/tmp/finx-gateway-upgrade.sock"),
+                        |path| base_dir.join(path),
+                    ),
+                    upgrade: false,
                 },
                 callers,
                 connect,
@@ -674,8 +726,39 @@ fn validate_upstream(
         connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(2)),
         read_timeout: file.read_timeout.unwrap_or(Duration::from_secs(30)),
         token_timeout: file.token_timeout.unwrap_or(DEFAULT_TOKEN_TIMEOUT),
+        rotation_grace: file.rotation_grace.unwrap_or(Duration::ZERO),
         pool_size,
     })
+}
+
+fn validate_keeper(file: &file::KeeperFile, errors: &mut Vec<String>) -> Option<KeeperConfig> {
+    const DAY: u64 = 24 * 3600;
+    let settings = KeeperConfig {
+        interval: file.interval.unwrap_or(Duration::from_secs(3600)),
+        max_refresh_age: file
+            .max_refresh_age
+            .unwrap_or(Duration::from_secs(30 * DAY)),
+        max_idle: file.max_idle.unwrap_or(Duration::from_secs(30 * DAY)),
+        concurrency: file.concurrency.unwrap_or(4),
+        rate_per_sec: file.rate_per_sec.unwrap_or(5),
+        batch: file.batch.unwrap_or(10_000),
+    };
+    let lapse = Duration::from_secs(90 * DAY);
+    if settings.max_refresh_age >= lapse || settings.max_idle >= lapse {
+        errors.push(
+            "keeper.max_refresh_age and keeper.max_idle: must be shorter than finX's 90 days"
+                .into(),
+        );
+    }
+    if settings.interval < Duration::from_millis(10) {
+        errors.push("keeper.interval: must be at least 10ms".into());
+    }
+    if settings.concurrency == 0 || settings.rate_per_sec == 0 || settings.batch == 0 {
+        errors.push(
+            "keeper.concurrency, keeper.rate_per_sec, keeper.batch: must be at least 1".into(),
+        );
+    }
+    file.enabled.unwrap_or(true).then_some(settings)
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub struct ProxyParts {
     pub flow_header: HeaderName,
     /// Connect flows and the callback; `None` keeps them closed.
     pub connect: Option<Arc<ConnectService>>,
+    /// Request bodies up to this size may be replayed after a finX 401.
+    pub replay_body_limit: usize,
 }
 
 /// What one request learned on its way through the phases.
@@ -56,6 +58,12 @@ pub struct RequestCtx {
     upstream_status: Option<u16>,
     /// The code of the error the gateway answered, if it answered one itself.
     gateway_error: Option<&'static str>,
+    /// Whether this request may be replayed after a finX 401 (idempotent, body small enough).
+    replayable: bool,
+    /// The request was replayed once with a new credential after a finX 401.
+    replayed: bool,
+    /// The current upstream attempt was ended by the gateway to replay it.
+    replay_pending: bool,
 }
 
 impl FinxProxy {
@@ -119,6 +127,7 @@ impl FinxProxy {
             Route::UserData => {
                 caller.authorize_route(&request.method, path)?;
                 let key = self.connection_key(request, &caller)?;
+                ctx.replayable = replayable(request, parts.replay_body_limit);
                 ctx.connection = Some(key.clone());
                 ctx.credential = Some(parts.tokens.bearer(&key).await?);
                 Ok(false)
@@ -273,6 +282,28 @@ impl FinxProxy {
     }
 }
 
+/// Whether a request may be sent to finX a second time after a 401: safe methods always;
+/// idempotent ones with a body pingora keeps for retries (at most `body_limit` bytes, declared
+/// by `Content-Length`); never POST or PATCH.
+fn replayable(request: &RequestHeader, body_limit: usize) -> bool {
+    let method = &request.method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return true;
+    }
+    if !matches!(*method, Method::PUT | Method::DELETE) {
+        return false;
+    }
+    let length = request
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let chunked = request
+        .headers
+        .contains_key(http::header::TRANSFER_ENCODING);
+    !chunked && length.unwrap_or(0) <= body_limit
+}
+
 /// The query string of a raw request target ("" when there is none).
 fn query_of(raw_target: &[u8]) -> Result<&str, GatewayError> {
     let target = std::str::from_utf8(raw_target)
@@ -313,6 +344,9 @@ impl ProxyHttp for FinxProxy {
             upstream_started: None,
             upstream_status: None,
             gateway_error: None,
+            replayable: false,
+            replayed: false,
+            replay_pending: false,
         }
     }
 
@@ -370,23 +404,68 @@ impl ProxyHttp for FinxProxy {
         )
     }
 
-    /// Runs when finX's response header arrives; the response passes through unchanged. A 401
-    /// on a user route means finX no longer accepts that access token: it is dropped so the
-    /// next request refreshes.
+    /// Runs when finX's response header arrives, before anything reaches the caller; the
+    /// response passes through unchanged, except a 401 on a user route: finX no longer accepts
+    /// that access token. A replayable request (see `replayable`) that has not been replayed
+    /// yet gets a new credential (one refresh shared by every request that met the same 401,
+    /// at most one per connection per `forced_refresh_interval`) and this attempt ends with a
+    /// retryable error, so pingora sends it again; otherwise the token is dropped and the 401
+    /// goes to the caller as it came.
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
-        if status == 401 {
-            if let (Some(key), Some(credential)) = (&ctx.connection, &ctx.credential) {
-                self.parts.tokens.reject(key, credential.version).await;
-            }
+        if status != 401 {
+            return Ok(());
         }
-        Ok(())
+        let (Some(key), Some(credential)) = (&ctx.connection, &ctx.credential) else {
+            return Ok(());
+        };
+        let tokens = &self.parts.tokens;
+        if !ctx.replayable || ctx.replayed || session.as_ref().retry_buffer_truncated() {
+            tokens.reject(key, credential.version).await;
+            return Ok(());
+        }
+        let Some(replacement) = tokens.replacement(key, credential.version).await else {
+            return Ok(());
+        };
+        ctx.credential = Some(replacement);
+        ctx.replayed = true;
+        ctx.replay_pending = true;
+        let mut replay = Error::explain(
+            ErrorType::HTTPStatus(401),
+            "finX rejected the access token; replaying with a new one",
+        );
+        replay.set_retry(true);
+        Err(replay)
+    }
+
+    /// Decides whether a failed upstream attempt is tried again. The gateway's own replay after
+    /// a finX 401 always is (once); anything else follows pingora's default policy: only
+    /// idempotent requests whose body is still buffered, on a reused connection.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        error: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut error = error.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.replay_pending) {
+            error.set_retry(true);
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            error.set_retry(false);
+        } else {
+            error.retry.decide_reuse(client_reused);
+        }
+        error
     }
 
     /// Runs when proxying failed fatally: answers the JSON error for the failure (503 when finX
@@ -445,6 +524,7 @@ impl ProxyHttp for FinxProxy {
             upstream_ms = ctx.upstream_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
             total_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
             token = ctx.credential.as_ref().map_or("-", |c| c.source.as_str()),
+            replayed = ctx.replayed,
             error = ctx.gateway_error.unwrap_or("-"),
             failure = error.map(|e| e.etype().as_str()).unwrap_or("-"),
         );

@@ -162,6 +162,8 @@ pub struct ConnectionSummary {
     pub synced_at: Option<UnixSeconds>,
     /// Last write of any kind; `store copy` refuses to overwrite a row newer than its source.
     pub updated_at: UnixSeconds,
+    /// Last data call through any gateway (recorded at most about once an hour per replica).
+    pub last_used_at: Option<UnixSeconds>,
 }
 
 /// A stored connection, decrypted.
@@ -180,6 +182,20 @@ pub struct Connection {
     pub synced_at: Option<UnixSeconds>,
     /// Last write of any kind.
     pub updated_at: UnixSeconds,
+    /// Last data call through any gateway (recorded at most about once an hour per replica).
+    pub last_used_at: Option<UnixSeconds>,
+}
+
+/// A refresh that was started (finX may have been asked) and has not finished: recorded durably
+/// before the token call, cleared by the commit. One found later means the refresher stopped in
+/// between (a crash) or is still at it (another replica, if it is recent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshIntent {
+    /// The row version whose refresh token was about to be sent.
+    pub version: i64,
+    pub started_at: UnixSeconds,
+    /// The gateway process that started it (a random id per process start).
+    pub owner: String,
 }
 
 /// What [`TokenStore::copy_in`] did with one connection.
@@ -223,6 +239,17 @@ pub enum StoreError {
 pub trait RefreshLease: Send {
     /// The connection as it is now; `None` when it does not exist.
     fn current(&self) -> Option<&Connection>;
+
+    /// An unfinished refresh of this connection, as recorded when the lock was taken.
+    fn intent(&self) -> Option<&RefreshIntent>;
+
+    /// Durably records that `owner` is about to send the current refresh token to finX. Called
+    /// before the token call; the commit (or a status change, or a delete) clears it.
+    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError>;
+
+    /// The refresh did not reach finX, or finX certainly did not act on it: clears the intent
+    /// this lease recorded (if any) and releases the lock.
+    async fn abandon(self: Box<Self>) -> Result<(), StoreError>;
 
     /// Commits a refresh's result over the version read under the lock (see
     /// [`TokenStore::commit_refresh`]) and releases the lock.
@@ -314,6 +341,23 @@ pub trait TokenStore: Send + Sync + 'static {
         state_id: &str,
         now: UnixSeconds,
     ) -> Result<Option<String>, StoreError>;
+
+    /// Records a data call for `key` at `now` (for the keeper's idleness rule); tokens and
+    /// version are untouched. A missing connection is not an error.
+    async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError>;
+
+    /// Every unfinished refresh (see [`RefreshIntent`]), for recovery at start-up.
+    async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError>;
+
+    /// Active connections to refresh before they lapse: whose refresh token was issued before
+    /// `refreshed_before`, or whose last activity (data call, refresh or consent) was before
+    /// `active_before`; the stalest first, at most `limit`.
+    async fn due_for_keeping(
+        &self,
+        refreshed_before: UnixSeconds,
+        active_before: UnixSeconds,
+        limit: u32,
+    ) -> Result<Vec<ConnectionKey>, StoreError>;
 
     /// Writes a connection read from another store (`store copy`), unless this store's row
     /// for it was written later (`updated_at`). The copy's version moves above any version this

@@ -51,12 +51,16 @@ use sqlx::{Connection as _, PgConnection, Postgres, Row, Transaction};
 use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
-    NewConnection, RefreshLease, StoreError, TokenGrant, TokenStore,
+    NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
 };
 use crate::clock::{Clock, SystemClock, UnixSeconds};
 
 /// The schema migrations, embedded in the binary.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
+
+/// Connections of the intent pool (see [`Shared::intents`]); an intent write is one short
+/// statement.
+pub const INTENT_POOL_SIZE: u32 = 2;
 
 /// How the connection to PostgreSQL is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +205,10 @@ pub struct PostgresStore {
 
 struct Shared {
     pool: PgPool,
+    /// A pool of its own for refresh intents: they are written while the refresh's own
+    /// transaction holds a connection of `pool`, so sharing it could leave every refresh waiting
+    /// for a connection another refresh holds.
+    intents: PgPool,
     key: EncryptionKey,
     key_id: String,
 }
@@ -276,15 +284,22 @@ impl PostgresStore {
         let open = move || async move {
             prepare(&options, &key, wait, connect_timeout).await?;
             // Lazy: connections are opened on the store's runtime when first needed.
-            let pool = PgPoolOptions::new()
-                .max_connections(pool_size)
-                .min_connections(0)
-                .acquire_timeout(connect_timeout)
-                // Connections are replaced now and then, so a failover's new primary is picked
-                // up even by connections that never failed.
-                .max_lifetime(Duration::from_secs(30 * 60))
-                .connect_lazy_with(options);
-            Ok::<_, PgOpenError>(Shared { pool, key, key_id })
+            let pool_of = |size: u32| {
+                PgPoolOptions::new()
+                    .max_connections(size)
+                    .min_connections(0)
+                    .acquire_timeout(connect_timeout)
+                    // Connections are replaced now and then, so a failover's new primary is
+                    // picked up even by connections that never failed.
+                    .max_lifetime(Duration::from_secs(30 * 60))
+                    .connect_lazy_with(options.clone())
+            };
+            Ok::<_, PgOpenError>(Shared {
+                pool: pool_of(pool_size),
+                intents: pool_of(INTENT_POOL_SIZE),
+                key,
+                key_id,
+            })
         };
         // A thread of its own: `block_on` is not allowed on a thread that runs a runtime.
         let shared = std::thread::scope(|scope| {
@@ -434,8 +449,8 @@ fn db_error(key: Option<&ConnectionKey>, error: sqlx::Error) -> StoreError {
 }
 
 const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_expires_at, scope, \
-                          version, created_at, refreshed_at, synced_at, updated_at \
-                          FROM connections WHERE key = $1";
+                          version, created_at, refreshed_at, synced_at, updated_at, \
+                          last_used_at FROM connections WHERE key = $1";
 
 fn decrypt_row(
     enc: &EncryptionKey,
@@ -478,6 +493,7 @@ fn decrypt_row(
         refreshed_at: row.try_get("refreshed_at").map_err(get_error)?,
         synced_at: row.try_get("synced_at").map_err(get_error)?,
         updated_at: row.try_get("updated_at").map_err(get_error)?,
+        last_used_at: row.try_get("last_used_at").map_err(get_error)?,
     })
 }
 
@@ -508,7 +524,10 @@ async fn commit_in(
     .fetch_optional(&mut **tx)
     .await
     .map_err(|e| db_error(Some(key), e))?;
-    if row.is_none() {
+    if row.is_some() {
+        clear_intent(tx, key).await?;
+        crate::fail_point!("refresh-during-commit");
+    } else {
         let exists = sqlx::query("SELECT 1 FROM connections WHERE key = $1")
             .bind(key.as_str())
             .fetch_optional(&mut **tx)
@@ -554,6 +573,16 @@ impl PostgresStore {
     }
 }
 
+/// Forgets an unfinished refresh of `key`; its outcome is written in the same transaction.
+async fn clear_intent(executor: &mut PgConnection, key: &ConnectionKey) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM refresh_intents WHERE key = $1")
+        .bind(key.as_str())
+        .execute(executor)
+        .await
+        .map_err(|e| db_error(Some(key), e))
+        .map(drop)
+}
+
 async fn set_status_in(
     executor: &mut PgConnection,
     key: &ConnectionKey,
@@ -567,23 +596,24 @@ async fn set_status_in(
     .bind(status.as_str())
     .bind(now)
     .bind(key.as_str())
-    .execute(executor)
+    .execute(&mut *executor)
     .await
     .map_err(|e| db_error(Some(key), e))?
     .rows_affected();
     if changed == 0 {
         return Err(StoreError::NotFound(key.clone()));
     }
-    Ok(())
+    clear_intent(executor, key).await
 }
 
 async fn delete_in(executor: &mut PgConnection, key: &ConnectionKey) -> Result<bool, StoreError> {
     let deleted = sqlx::query("DELETE FROM connections WHERE key = $1")
         .bind(key.as_str())
-        .execute(executor)
+        .execute(&mut *executor)
         .await
         .map_err(|e| db_error(Some(key), e))?
         .rows_affected();
+    clear_intent(executor, key).await?;
     Ok(deleted > 0)
 }
 
@@ -622,7 +652,8 @@ impl TokenStore for PostgresStore {
         let stored_key = key.clone();
         let version = self
             .run(|shared| async move {
-                sqlx::query_scalar::<_, i64>(
+                let mut tx = shared.pool.begin().await.map_err(|e| db_error(None, e))?;
+                let version = sqlx::query_scalar::<_, i64>(
                     "INSERT INTO connections (key, status, refresh_token, access_token, \
                      access_expires_at, scope, version, created_at, refreshed_at, synced_at, \
                      updated_at, key_id) VALUES ($1, 'active', $2, $3, $4, $5, \
@@ -642,9 +673,12 @@ impl TokenStore for PostgresStore {
                 .bind(scope)
                 .bind(now)
                 .bind(&shared.key_id)
-                .fetch_one(&shared.pool)
+                .fetch_one(&mut *tx)
                 .await
-                .map_err(|e| db_error(Some(&stored_key), e))
+                .map_err(|e| db_error(Some(&stored_key), e))?;
+                clear_intent(&mut tx, &stored_key).await?;
+                tx.commit().await.map_err(|e| db_error(None, e))?;
+                Ok(version)
             })
             .await?;
         Ok(Connection {
@@ -658,6 +692,7 @@ impl TokenStore for PostgresStore {
             refreshed_at: None,
             synced_at: None,
             updated_at: now,
+            last_used_at: None,
         })
     }
 
@@ -728,8 +763,8 @@ impl TokenStore for PostgresStore {
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.run(|shared| async move {
             let rows = sqlx::query(
-                "SELECT key, status, version, created_at, refreshed_at, synced_at, updated_at \
-                 FROM connections ORDER BY key",
+                "SELECT key, status, version, created_at, refreshed_at, synced_at, updated_at, \
+                 last_used_at FROM connections ORDER BY key",
             )
             .fetch_all(&shared.pool)
             .await
@@ -747,6 +782,7 @@ impl TokenStore for PostgresStore {
                         refreshed_at: row.try_get("refreshed_at").ok()?,
                         synced_at: row.try_get("synced_at").ok()?,
                         updated_at: row.try_get("updated_at").ok()?,
+                        last_used_at: row.try_get("last_used_at").ok()?,
                         key,
                     })
                 })();
@@ -765,12 +801,12 @@ impl TokenStore for PostgresStore {
         key: &ConnectionKey,
     ) -> Result<Box<dyn RefreshLease>, StoreError> {
         let task_key = key.clone();
-        let (tx, current) = self
+        let (tx, current, intent) = self
             .run(|shared| async move {
                 let mut tx = shared.pool.begin().await.map_err(|e| db_error(None, e))?;
                 let row = sqlx::query(
                     "SELECT status, refresh_token, access_token, access_expires_at, scope, \
-                     version, created_at, refreshed_at, synced_at, updated_at \
+                     version, created_at, refreshed_at, synced_at, updated_at, last_used_at \
                      FROM connections WHERE key = $1 FOR UPDATE",
                 )
                 .bind(task_key.as_str())
@@ -780,7 +816,16 @@ impl TokenStore for PostgresStore {
                 let current = row
                     .map(|row| decrypt_row(&shared.key, &task_key, &row))
                     .transpose()?;
-                Ok((tx, current))
+                let intent = sqlx::query(
+                    "SELECT version, started_at, owner FROM refresh_intents WHERE key = $1",
+                )
+                .bind(task_key.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error(Some(&task_key), e))?
+                .map(|row| intent_of(&row))
+                .transpose()?;
+                Ok((tx, current, intent))
             })
             .await?;
         Ok(Box::new(PgLease {
@@ -788,6 +833,7 @@ impl TokenStore for PostgresStore {
             key: key.clone(),
             tx: Some(tx),
             current,
+            intent,
         }))
     }
 
@@ -845,6 +891,73 @@ impl TokenStore for PostgresStore {
         .await
     }
 
+    /// Skips a row whose refresh lock is held: the refresh in progress is activity itself, and
+    /// a background touch must never wait behind it.
+    async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.run(|shared| async move {
+            sqlx::query(
+                "UPDATE connections SET last_used_at = GREATEST(coalesce(last_used_at, 0), $1) \
+                 WHERE key IN (SELECT key FROM connections WHERE key = $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(now)
+            .bind(key.as_str())
+            .execute(&shared.pool)
+            .await
+            .map_err(|e| db_error(Some(&key), e))
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError> {
+        self.run(|shared| async move {
+            let rows = sqlx::query(
+                "SELECT version, started_at, owner, key FROM refresh_intents ORDER BY key",
+            )
+            .fetch_all(&shared.pool)
+            .await
+            .map_err(|e| db_error(None, e))?;
+            let mut intents = Vec::with_capacity(rows.len());
+            for row in rows {
+                let stored: String = row.try_get(3).map_err(|e| db_error(None, e))?;
+                if let Ok(key) = ConnectionKey::from_stored(&stored) {
+                    intents.push((key, intent_of(&row)?));
+                }
+            }
+            Ok(intents)
+        })
+        .await
+    }
+
+    async fn due_for_keeping(
+        &self,
+        refreshed_before: UnixSeconds,
+        active_before: UnixSeconds,
+        limit: u32,
+    ) -> Result<Vec<ConnectionKey>, StoreError> {
+        self.run(move |shared| async move {
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT key FROM connections WHERE status = 'active' AND \
+                 octet_length(refresh_token) > 0 AND \
+                 (coalesce(refreshed_at, created_at) < $1 OR \
+                  GREATEST(last_used_at, refreshed_at, created_at) < $2) \
+                 ORDER BY coalesce(refreshed_at, created_at) LIMIT $3",
+            )
+            .bind(refreshed_before)
+            .bind(active_before)
+            .bind(i64::from(limit))
+            .fetch_all(&shared.pool)
+            .await
+            .map_err(|e| db_error(None, e))?;
+            Ok(rows
+                .iter()
+                .filter_map(|stored| ConnectionKey::from_stored(stored).ok())
+                .collect())
+        })
+        .await
+    }
+
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
         let key = connection.key.clone();
         let sealed_refresh =
@@ -872,14 +985,15 @@ impl TokenStore for PostgresStore {
             sqlx::query(
                 "INSERT INTO connections (key, status, refresh_token, access_token, \
                  access_expires_at, scope, version, created_at, refreshed_at, synced_at, \
-                 updated_at, key_id) VALUES ($1, $2, $3, $4, $5, $6, \
-                 GREATEST($7, nextval('connection_versions')), $8, $9, $10, $11, $12) \
+                 updated_at, key_id, last_used_at) VALUES ($1, $2, $3, $4, $5, $6, \
+                 GREATEST($7, nextval('connection_versions')), $8, $9, $10, $11, $12, $13) \
                  ON CONFLICT (key) DO UPDATE SET status = excluded.status, \
                  refresh_token = excluded.refresh_token, access_token = excluded.access_token, \
                  access_expires_at = excluded.access_expires_at, scope = excluded.scope, \
                  version = excluded.version, created_at = excluded.created_at, \
                  refreshed_at = excluded.refreshed_at, synced_at = excluded.synced_at, \
-                 updated_at = excluded.updated_at, key_id = excluded.key_id",
+                 updated_at = excluded.updated_at, key_id = excluded.key_id, \
+                 last_used_at = excluded.last_used_at",
             )
             .bind(key.as_str())
             .bind(c.status.as_str())
@@ -893,9 +1007,11 @@ impl TokenStore for PostgresStore {
             .bind(c.synced_at)
             .bind(c.updated_at)
             .bind(&shared.key_id)
+            .bind(c.last_used_at)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(Some(&key), e))?;
+            clear_intent(&mut tx, &key).await?;
             // A copied version above the sequence would be handed out again later.
             sqlx::query(
                 "SELECT setval('connection_versions', GREATEST($1, (SELECT last_value FROM connection_versions)))",
@@ -917,6 +1033,16 @@ struct PgLease {
     key: ConnectionKey,
     tx: Option<Transaction<'static, Postgres>>,
     current: Option<Connection>,
+    intent: Option<RefreshIntent>,
+}
+
+fn intent_of(row: &PgRow) -> Result<RefreshIntent, StoreError> {
+    let get = |e: sqlx::Error| db_error(None, e);
+    Ok(RefreshIntent {
+        version: row.try_get(0).map_err(get)?,
+        started_at: row.try_get(1).map_err(get)?,
+        owner: row.try_get(2).map_err(get)?,
+    })
 }
 
 impl PgLease {
@@ -961,6 +1087,68 @@ impl Drop for PgLease {
 impl RefreshLease for PgLease {
     fn current(&self) -> Option<&Connection> {
         self.current.as_ref()
+    }
+
+    fn intent(&self) -> Option<&RefreshIntent> {
+        self.intent.as_ref()
+    }
+
+    /// Written on the intent pool and committed at once, outside the lease's transaction (which
+    /// holds the row lock until the refresh commits or rolls back).
+    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
+        let version = self
+            .current
+            .as_ref()
+            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
+            .version;
+        let (key, owner_id) = (self.key.clone(), owner.to_owned());
+        self.store
+            .run(|shared| async move {
+                sqlx::query(
+                    "INSERT INTO refresh_intents (key, version, started_at, owner) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE SET \
+                     version = excluded.version, started_at = excluded.started_at, \
+                     owner = excluded.owner",
+                )
+                .bind(key.as_str())
+                .bind(version)
+                .bind(now)
+                .bind(owner_id)
+                .execute(&shared.intents)
+                .await
+                .map_err(|e| db_error(Some(&key), e))
+                .map(drop)
+            })
+            .await?;
+        self.intent = Some(RefreshIntent {
+            version,
+            started_at: now,
+            owner: owner.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// The intent is deleted on the intent pool; dropping the lease then rolls back its
+    /// transaction, which releases the row lock.
+    async fn abandon(mut self: Box<Self>) -> Result<(), StoreError> {
+        let Some(intent) = self.intent.take() else {
+            return Ok(());
+        };
+        let key = self.key.clone();
+        self.store
+            .run(|shared| async move {
+                sqlx::query(
+                    "DELETE FROM refresh_intents WHERE key = $1 AND version = $2 AND owner = $3",
+                )
+                .bind(key.as_str())
+                .bind(intent.version)
+                .bind(intent.owner)
+                .execute(&shared.intents)
+                .await
+                .map_err(|e| db_error(Some(&key), e))
+                .map(drop)
+            })
+            .await
     }
 
     async fn commit_refresh(

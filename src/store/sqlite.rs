@@ -29,12 +29,12 @@ use secrecy::SecretString;
 use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
-    NewConnection, RefreshLease, StoreError, TokenGrant, TokenStore,
+    NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
 };
 use crate::clock::{Clock, SystemClock, UnixSeconds};
 
 /// The schema this build writes; `PRAGMA user_version` holds the file's.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a write waits for another process (e.g. an operator's CLI) holding the lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,9 +77,20 @@ CREATE TABLE flow_states (
 CREATE INDEX flow_states_expiry ON flow_states (expires_at);
 ";
 
+/// Version 3: the last data call (for the keeper) and unfinished refreshes (crash recovery).
+const SCHEMA_V3: &str = "
+ALTER TABLE connections ADD COLUMN last_used_at INTEGER;
+CREATE TABLE refresh_intents (
+    key        TEXT    PRIMARY KEY NOT NULL,
+    version    INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    owner      TEXT    NOT NULL
+) STRICT;
+";
+
 const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_expires_at, scope, \
-                          version, created_at, refreshed_at, synced_at, updated_at \
-                          FROM connections WHERE key = ?1";
+                          version, created_at, refreshed_at, synced_at, updated_at, \
+                          last_used_at FROM connections WHERE key = ?1";
 
 /// Why [`SqliteStore::open`] failed. No message ever contains key or token material.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +295,7 @@ fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<
             }
             tx.execute_batch(SCHEMA_V1).map_err(unavailable)?;
             tx.execute_batch(SCHEMA_V2).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_V3).map_err(unavailable)?;
             let check = key.seal_key_check().map_err(|e| damaged(e.to_string()))?;
             tx.execute(
                 "INSERT INTO meta (id, key_id, key_check, version_floor, created_at) \
@@ -294,8 +306,11 @@ fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(unavailable)?;
         }
-        1 => {
-            tx.execute_batch(SCHEMA_V2).map_err(unavailable)?;
+        1 | 2 => {
+            if found == 1 {
+                tx.execute_batch(SCHEMA_V2).map_err(unavailable)?;
+            }
+            tx.execute_batch(SCHEMA_V3).map_err(unavailable)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(unavailable)?;
         }
@@ -356,6 +371,7 @@ struct StoredRow {
     refreshed_at: Option<UnixSeconds>,
     synced_at: Option<UnixSeconds>,
     updated_at: UnixSeconds,
+    last_used_at: Option<UnixSeconds>,
 }
 
 fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow>, StoreError> {
@@ -371,6 +387,7 @@ fn read_row(conn: &DbConnection, key: &ConnectionKey) -> Result<Option<StoredRow
             refreshed_at: row.get(7)?,
             synced_at: row.get(8)?,
             updated_at: row.get(9)?,
+            last_used_at: row.get(10)?,
         })
     })
     .optional()
@@ -427,7 +444,19 @@ fn decrypt_row(
         refreshed_at: row.refreshed_at,
         synced_at: row.synced_at,
         updated_at: row.updated_at,
+        last_used_at: row.last_used_at,
     })
+}
+
+/// Forgets an unfinished refresh of `key`: its outcome (a commit, a status, a delete, a new
+/// consent) is in the same transaction.
+fn clear_intent(tx: &DbConnection, key: &ConnectionKey) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM refresh_intents WHERE key = ?1",
+        params![key.as_str()],
+    )
+    .map_err(unavailable)
+    .map(drop)
 }
 
 fn immediate(conn: &mut DbConnection) -> Result<rusqlite::Transaction<'_>, StoreError> {
@@ -516,6 +545,7 @@ impl TokenStore for SqliteStore {
                     ],
                 )
                 .map_err(unavailable)?;
+                clear_intent(&tx, &stored_key)?;
                 tx.commit().map_err(unavailable)?;
                 Ok(version)
             })
@@ -531,6 +561,7 @@ impl TokenStore for SqliteStore {
             refreshed_at: None,
             synced_at: None,
             updated_at: now,
+            last_used_at: None,
         })
     }
 
@@ -595,6 +626,8 @@ impl TokenStore for SqliteStore {
             if changed != 1 {
                 return Err(StoreError::Conflict(key.clone()));
             }
+            clear_intent(&tx, &key)?;
+            crate::fail_point!("refresh-during-commit");
             tx.commit().map_err(unavailable)?;
             Ok(Connection {
                 key,
@@ -607,6 +640,7 @@ impl TokenStore for SqliteStore {
                 refreshed_at: Some(now),
                 synced_at: row.synced_at,
                 updated_at: now,
+                last_used_at: row.last_used_at,
             })
         })
         .await
@@ -650,6 +684,7 @@ impl TokenStore for SqliteStore {
             if changed == 0 {
                 return Err(StoreError::NotFound(key));
             }
+            clear_intent(&tx, &key)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -675,6 +710,7 @@ impl TokenStore for SqliteStore {
                 params![version],
             )
             .map_err(unavailable)?;
+            clear_intent(&tx, &key)?;
             tx.commit().map_err(unavailable)?;
             Ok(true)
         })
@@ -688,7 +724,7 @@ impl TokenStore for SqliteStore {
             let mut statement = conn
                 .prepare(
                     "SELECT key, status, version, created_at, refreshed_at, synced_at, \
-                     updated_at FROM connections ORDER BY key",
+                     updated_at, last_used_at FROM connections ORDER BY key",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -701,13 +737,22 @@ impl TokenStore for SqliteStore {
                         row.get::<_, Option<UnixSeconds>>(4)?,
                         row.get::<_, Option<UnixSeconds>>(5)?,
                         row.get::<_, UnixSeconds>(6)?,
+                        row.get::<_, Option<UnixSeconds>>(7)?,
                     ))
                 })
                 .map_err(unavailable)?;
             let mut summaries = Vec::new();
             for row in rows {
-                let (stored, status, version, created_at, refreshed_at, synced_at, updated_at) =
-                    row.map_err(unavailable)?;
+                let (
+                    stored,
+                    status,
+                    version,
+                    created_at,
+                    refreshed_at,
+                    synced_at,
+                    updated_at,
+                    last_used_at,
+                ) = row.map_err(unavailable)?;
                 let Ok(key) = ConnectionKey::from_stored(&stored) else {
                     tracing::warn!("token store holds a row with an invalid connection key");
                     continue;
@@ -723,6 +768,7 @@ impl TokenStore for SqliteStore {
                     refreshed_at,
                     synced_at,
                     updated_at,
+                    last_used_at,
                 });
             }
             Ok(summaries)
@@ -737,10 +783,29 @@ impl TokenStore for SqliteStore {
         key: &ConnectionKey,
     ) -> Result<Box<dyn RefreshLease>, StoreError> {
         let current = self.load(key).await?;
+        let intent_key = key.clone();
+        let intent = self
+            .run(move |conn, _| {
+                conn.query_row(
+                    "SELECT version, started_at, owner FROM refresh_intents WHERE key = ?1",
+                    params![intent_key.as_str()],
+                    |row| {
+                        Ok(RefreshIntent {
+                            version: row.get(0)?,
+                            started_at: row.get(1)?,
+                            owner: row.get(2)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(unavailable)
+            })
+            .await?;
         Ok(Box::new(SqliteLease {
             store: self.clone(),
             key: key.clone(),
             current,
+            intent,
         }))
     }
 
@@ -790,6 +855,81 @@ impl TokenStore for SqliteStore {
         .await
     }
 
+    async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.run(move |conn, _| {
+            conn.execute(
+                "UPDATE connections SET last_used_at = max(coalesce(last_used_at, 0), ?1) \
+                 WHERE key = ?2",
+                params![now, key.as_str()],
+            )
+            .map_err(unavailable)
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError> {
+        self.run(|conn, _| {
+            let mut statement = conn
+                .prepare("SELECT key, version, started_at, owner FROM refresh_intents ORDER BY key")
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        RefreshIntent {
+                            version: row.get(1)?,
+                            started_at: row.get(2)?,
+                            owner: row.get(3)?,
+                        },
+                    ))
+                })
+                .map_err(unavailable)?;
+            let mut intents = Vec::new();
+            for row in rows {
+                let (stored, intent) = row.map_err(unavailable)?;
+                if let Ok(key) = ConnectionKey::from_stored(&stored) {
+                    intents.push((key, intent));
+                }
+            }
+            Ok(intents)
+        })
+        .await
+    }
+
+    async fn due_for_keeping(
+        &self,
+        refreshed_before: UnixSeconds,
+        active_before: UnixSeconds,
+        limit: u32,
+    ) -> Result<Vec<ConnectionKey>, StoreError> {
+        self.run(move |conn, _| {
+            let mut statement = conn
+                .prepare(
+                    "SELECT key FROM connections WHERE status = 'active' AND \
+                     length(refresh_token) > 0 AND \
+                     (coalesce(refreshed_at, created_at) < ?1 OR \
+                      max(coalesce(last_used_at, 0), coalesce(refreshed_at, 0), created_at) < ?2) \
+                     ORDER BY coalesce(refreshed_at, created_at) LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![refreshed_before, active_before, limit], |row| {
+                    row.get::<_, String>(0)
+                })
+                .map_err(unavailable)?;
+            let mut keys = Vec::new();
+            for row in rows {
+                if let Ok(key) = ConnectionKey::from_stored(&row.map_err(unavailable)?) {
+                    keys.push(key);
+                }
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
         let key = connection.key.clone();
         let sealed_refresh =
@@ -824,13 +964,15 @@ impl TokenStore for SqliteStore {
             tx.execute(
                 "INSERT INTO connections (key, status, refresh_token, access_token, \
                  access_expires_at, scope, version, created_at, refreshed_at, synced_at, \
-                 updated_at, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 updated_at, key_id, last_used_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
                  ON CONFLICT (key) DO UPDATE SET status = excluded.status, \
                  refresh_token = excluded.refresh_token, access_token = excluded.access_token, \
                  access_expires_at = excluded.access_expires_at, scope = excluded.scope, \
                  version = excluded.version, created_at = excluded.created_at, \
                  refreshed_at = excluded.refreshed_at, synced_at = excluded.synced_at, \
-                 updated_at = excluded.updated_at, key_id = excluded.key_id",
+                 updated_at = excluded.updated_at, key_id = excluded.key_id, \
+                 last_used_at = excluded.last_used_at",
                 params![
                     key.as_str(),
                     c.status.as_str(),
@@ -844,9 +986,11 @@ impl TokenStore for SqliteStore {
                     c.synced_at,
                     c.updated_at,
                     shared.key_id,
+                    c.last_used_at,
                 ],
             )
             .map_err(unavailable)?;
+            clear_intent(&tx, &key)?;
             tx.commit().map_err(unavailable)?;
             Ok(CopyOutcome::Written)
         })
@@ -860,12 +1004,62 @@ struct SqliteLease {
     store: SqliteStore,
     key: ConnectionKey,
     current: Option<Connection>,
+    intent: Option<RefreshIntent>,
 }
 
 #[async_trait]
 impl RefreshLease for SqliteLease {
     fn current(&self) -> Option<&Connection> {
         self.current.as_ref()
+    }
+
+    fn intent(&self) -> Option<&RefreshIntent> {
+        self.intent.as_ref()
+    }
+
+    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
+        let version = self
+            .current
+            .as_ref()
+            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
+            .version;
+        let (key, owner_id) = (self.key.clone(), owner.to_owned());
+        self.store
+            .run(move |conn, _| {
+                conn.execute(
+                    "INSERT INTO refresh_intents (key, version, started_at, owner) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (key) DO UPDATE SET \
+                     version = excluded.version, started_at = excluded.started_at, \
+                     owner = excluded.owner",
+                    params![key.as_str(), version, now, owner_id],
+                )
+                .map_err(unavailable)
+                .map(drop)
+            })
+            .await?;
+        self.intent = Some(RefreshIntent {
+            version,
+            started_at: now,
+            owner: owner.to_owned(),
+        });
+        Ok(())
+    }
+
+    async fn abandon(self: Box<Self>) -> Result<(), StoreError> {
+        let Some(intent) = self.intent else {
+            return Ok(());
+        };
+        let key = self.key.clone();
+        self.store
+            .run(move |conn, _| {
+                conn.execute(
+                    "DELETE FROM refresh_intents WHERE key = ?1 AND version = ?2 AND owner = ?3",
+                    params![key.as_str(), intent.version, intent.owner],
+                )
+                .map_err(unavailable)
+                .map(drop)
+            })
+            .await
     }
 
     async fn commit_refresh(
@@ -945,7 +1139,7 @@ mod tests {
             .unwrap();
         let err = SqliteStore::open(&newer, EncryptionKey::generate()).unwrap_err();
         assert!(
-            matches!(err, OpenError::UnsupportedSchema { found: 3, .. }),
+            matches!(err, OpenError::UnsupportedSchema { found, .. } if found == SCHEMA_VERSION + 1),
             "{err}"
         );
 

@@ -1,5 +1,6 @@
 //! The finX `/auth/token` client: refresh and code-exchange requests, and the classification of
-//! their failures into the classes that decide a connection's fate (DESIGN.md §1.4).
+//! their failures into the classes that decide a connection's fate (only `invalid_grant` kills
+//! a connection; see `docs/architecture.md`).
 
 use std::time::Duration;
 
@@ -23,6 +24,9 @@ pub enum TokenFailure {
     Unavailable {
         reason: &'static str,
         retry_after_secs: u64,
+        /// finX certainly did not act on the request (it answered 429/5xx, or no connection
+        /// was made), so asking again at once cannot present a rotated token twice.
+        not_processed: bool,
     },
     /// No answer in time: try again later, keep the token.
     #[error("finX token endpoint timed out")]
@@ -31,6 +35,28 @@ pub enum TokenFailure {
 
 /// Default `Retry-After` when finX gave none.
 const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+
+/// finX's token endpoint as the token manager sees it: the seam where tests put a scripted fake.
+#[async_trait::async_trait]
+pub trait TokenEndpoint: Send + Sync + 'static {
+    /// Spends `refresh_token` for a new access token (and, usually, a rotated refresh token).
+    async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        now: UnixSeconds,
+    ) -> Result<TokenGrant, TokenFailure>;
+}
+
+#[async_trait::async_trait]
+impl TokenEndpoint for TokenClient {
+    async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        now: UnixSeconds,
+    ) -> Result<TokenGrant, TokenFailure> {
+        TokenClient::refresh(self, refresh_token, now).await
+    }
+}
 
 /// Talks to `POST {base}/auth/token` with HTTP Basic client authentication and JSON bodies.
 #[derive(Clone)]
@@ -52,6 +78,7 @@ fn parse_grant(body: &[u8], now: UnixSeconds) -> Result<TokenGrant, TokenFailure
     let unreadable = TokenFailure::Unavailable {
         reason: "unreadable token answer",
         retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+        not_processed: false,
     };
     let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
         return Err(unreadable);
@@ -203,6 +230,7 @@ fn classify_transport(error: reqwest::Error) -> TokenFailure {
                 "connection failed"
             },
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+            not_processed: error.is_connect(),
         }
     }
 }
@@ -238,6 +266,7 @@ pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) ->
         429 | 500..=599 => TokenFailure::Unavailable {
             reason: "finX answered 429 or 5xx",
             retry_after_secs,
+            not_processed: true,
         },
         _ if named("unsupported_grant_type") => TokenFailure::Rejected("unsupported_grant_type"),
         _ if named("unauthorized_client") => TokenFailure::Rejected("unauthorized_client"),
@@ -245,6 +274,7 @@ pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) ->
         _ => TokenFailure::Unavailable {
             reason: "unexpected answer",
             retry_after_secs,
+            not_processed: false,
         },
     }
 }
@@ -297,7 +327,8 @@ mod tests {
             classify_error(503, b"", 7),
             TokenFailure::Unavailable {
                 reason: "finX answered 429 or 5xx",
-                retry_after_secs: 7
+                retry_after_secs: 7,
+                not_processed: true,
             }
         );
         assert!(matches!(

@@ -1,41 +1,49 @@
-//! The token manager: hands out a valid finX bearer credential for a connection.
+//! The token manager: hands out a valid finX bearer credential for a connection, and keeps every
+//! consent alive.
 //!
-//! Cache hits cost one moka lookup and a clock read. A miss (or an access token about to expire)
-//! loads the connection from the store and, when its stored access token is not fresh either,
-//! refreshes it at finX exactly once: concurrent misses for one connection are coalesced by
-//! moka into one load whose result every waiter shares, and the load itself runs in its own
-//! task under a per-connection lock, so neither a cancelled caller nor a racing invalidation can
-//! make the gateway spend a refresh token twice. The rotated refresh token is committed to the
-//! store before the new access token is returned to anyone.
-//!
-//! Across replicas (a shared store), the refresh itself runs under the store's refresh lease
-//! ([`crate::store::RefreshLease`]): the row is read again under the lock, a fresh access token
-//! another replica stored meanwhile is used as is, and otherwise finX is called and the result
-//! committed while the lock is still held. What the manager remembers in memory (dead grants,
-//! rejected access tokens, uncommitted grants) is keyed to the row version it concerns, so a
-//! newer row written by any replica is honoured at once.
+//! - **Cache hit**: one moka lookup and a clock read. A token in its early-refresh window (the
+//!   last `refresh_ahead` share of its life, at least twice `refresh_skew`) is served as is while
+//!   one background refresh runs; only a token inside `refresh_skew` (or none) makes a request
+//!   wait.
+//! - **Miss**: concurrent misses for one connection coalesce (moka `try_get_with`) into one load
+//!   whose result every waiter shares. The load runs as a task of its own on the manager's own
+//!   runtime, under a per-connection lock, so neither a caller that goes away nor a racing
+//!   invalidation can make the gateway spend a refresh token twice, and a shutdown can wait for
+//!   it to finish.
+//! - **Refresh** ([`refresh`]): under the store's refresh lease (across replicas: a row lock),
+//!   the row is read again, a refresh intent is recorded durably, finX is asked, and the rotated
+//!   refresh token is committed before the new access token is handed to anyone.
+//! - **Memory** ([`memory`]): dead grants, rejected access tokens, backoffs, forced refreshes and
+//!   uncommitted grants, one entry per connection keyed to the row version it concerns. A grant
+//!   the store refused is also written to the local [`journal`].
+//! - **Keeper** ([`keeper`]): refreshes idle connections before finX lets them lapse.
 //!
 //! This module may depend on `store` and `clock`; `proxy` and `connect` build on it.
 
 pub mod client;
+pub mod journal;
+pub mod keeper;
 mod locks;
+mod memory;
+mod refresh;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::Expiry;
 use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, UnixSeconds};
-use crate::store::{
-    AccessToken, Connection, ConnectionKey, ConnectionStatus, NewConnection, RefreshLease,
-    StoreError, TokenGrant, TokenStore,
-};
-pub use client::{TokenClient, TokenFailure};
+use crate::store::{Connection, ConnectionKey, NewConnection, StoreError, TokenStore};
+pub use client::{TokenClient, TokenEndpoint, TokenFailure};
+use journal::Journal;
 use locks::KeyedLocks;
+use memory::Memory;
 
 /// Why no credential could be produced. Each maps to one answer in `crate::error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +57,7 @@ pub enum TokenError {
     #[error("finX token endpoint unavailable")]
     Unavailable { retry_after_secs: u64 },
     #[error("finX token endpoint timed out")]
-    Timeout,
+    Timeout { retry_after_secs: u64 },
     #[error("token store unavailable")]
     Store,
     #[error("internal error")]
@@ -61,7 +69,8 @@ pub enum TokenError {
 pub enum TokenSource {
     /// The in-memory cache.
     Cache,
-    /// The store's still-fresh access token (after a restart or eviction).
+    /// The store's still-fresh access token (after a restart, an eviction, or another replica's
+    /// refresh).
     Store,
     /// A refresh at finX (this request triggered it or waited for it).
     Refresh,
@@ -88,15 +97,112 @@ pub struct Credential {
     pub source: TokenSource,
 }
 
+impl std::fmt::Debug for Credential {
+    /// Never the token: only which version it is and where it came from.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("version", &self.version)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the manager refreshes; from `[tokens]`, `[upstream]` and `[store]`.
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    /// A request waits for a refresh when less than this remains of its token.
+    pub refresh_skew: Duration,
+    /// The share of a token's life, at its end, in which it is refreshed in the background.
+    pub refresh_ahead: f64,
+    /// At most one refresh forced by a finX 401 per connection per this interval.
+    pub forced_refresh_interval: Duration,
+    pub one_time_retention: Duration,
+    pub cache_capacity: u64,
+    /// Several replicas share the store (a recent refresh intent of another process may still
+    /// be in flight).
+    pub shared_store: bool,
+    /// Longest a refresh can be in flight (the token call's own timeout, plus a margin).
+    pub refresh_hold_limit: Duration,
+    /// How long finX lets a just-rotated refresh token be used again (0: strict rotation).
+    pub rotation_grace: Duration,
+    /// How long a data call is remembered before it is recorded again (`last_used_at`).
+    pub touch_interval: Duration,
+}
+
+impl TokenSettings {
+    /// Defaults for tests and benches: the documented defaults of `[tokens]`.
+    pub fn with_defaults(refresh_skew: Duration) -> Self {
+        Self {
+            refresh_skew,
+            refresh_ahead: 0.1,
+            forced_refresh_interval: Duration::from_secs(60),
+            one_time_retention: Duration::from_secs(3600),
+            cache_capacity: 1_000_000,
+            shared_store: false,
+            refresh_hold_limit: Duration::from_secs(15),
+            rotation_grace: Duration::ZERO,
+            touch_interval: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What the manager has done since it started (for tests, benches and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenStats {
+    /// Refreshes committed (any cause).
+    pub refreshes: u64,
+    /// Of those, refreshes ahead of expiry (no request waited).
+    pub refreshes_ahead: u64,
+    /// Requests that waited for a refresh at finX.
+    pub requests_waited: u64,
+    /// Refreshes forced by a finX 401 on a data call.
+    pub forced_refreshes: u64,
+    /// Interrupted refreshes (found by their intent) that were completed after all.
+    pub rotations_recovered: u64,
+    /// Interrupted refreshes whose rotated token was lost: the connection needs re-consent.
+    pub rotations_lost: u64,
+    /// The longest time between finX's answer and the durable commit, in microseconds.
+    pub commit_window_max_us: u64,
+    /// The sum of those times, for an average.
+    pub commit_window_total_us: u64,
+    /// Grants written to the journal because the store refused them.
+    pub journaled: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    refreshes: AtomicU64,
+    refreshes_ahead: AtomicU64,
+    requests_waited: AtomicU64,
+    forced_refreshes: AtomicU64,
+    rotations_recovered: AtomicU64,
+    rotations_lost: AtomicU64,
+    commit_window_max_us: AtomicU64,
+    commit_window_total_us: AtomicU64,
+    journaled: AtomicU64,
+}
+
+/// A cached access token with what the request path needs to decide about it without a lock.
 #[derive(Clone)]
 struct CachedToken {
     header: HeaderValue,
     expires_at: UnixSeconds,
+    /// From here on the token is served while one background refresh runs.
+    refresh_at: UnixSeconds,
     version: i64,
     source: TokenSource,
+    flags: Arc<EntryFlags>,
 }
 
-/// Evicts a cached token when it enters its refresh window.
+/// Shared by every clone of one cached token.
+struct EntryFlags {
+    /// A background refresh ahead of expiry was started for this token.
+    ahead_started: AtomicBool,
+    /// When the connection's last data call was last recorded in the store.
+    touched_at: AtomicI64,
+}
+
+/// Evicts a cached token when it enters `refresh_skew`.
 struct RefreshWindowExpiry {
     clock: Arc<dyn Clock>,
     skew_secs: i64,
@@ -122,95 +228,118 @@ pub struct TokenManager {
 
 struct Inner {
     cache: Cache<ConnectionKey, CachedToken>,
-    /// Highest store version whose access token finX answered 401 for.
-    rejected: moka::sync::Cache<ConnectionKey, i64>,
     store: Arc<dyn TokenStore>,
-    client: TokenClient,
+    endpoint: Arc<dyn TokenEndpoint>,
     clock: Arc<dyn Clock>,
+    settings: TokenSettings,
     skew_secs: i64,
-    one_time_retention_secs: i64,
     locks: KeyedLocks,
-    /// Grants finX issued whose commit failed, by connection: the old refresh token is spent,
-    /// so finX is not asked again for that connection until this grant is stored.
-    uncommitted: Mutex<HashMap<ConnectionKey, Uncommitted>>,
-    /// When finX may be asked again for a connection after a retryable failure.
-    backoff_until: moka::sync::Cache<ConnectionKey, UnixSeconds>,
-    /// Connections finX declared dead, with the highest row version that grant had: finX is not
-    /// asked again for it even if its status could not be stored, while a newer row (a new
-    /// consent on any replica, an operator's import) is honoured at once.
-    dead: moka::sync::Cache<ConnectionKey, i64>,
+    memory: Memory,
+    journal: Option<Journal>,
+    /// Identifies this process in refresh intents.
+    owner: String,
+    counters: Counters,
+    /// Runs refreshes and other background work, so a shutdown can wait for them.
+    worker: Worker,
 }
 
-/// What [`Inner::judge`] decided about a stored connection.
-enum Verdict {
-    /// Its stored access token is fresh: use it.
-    Use(CachedToken),
-    /// It needs a refresh at finX.
-    Refresh,
-    /// A one-time connection past its retention: delete it.
-    Expired,
+/// The manager's own runtime and the tracker of what runs on it.
+struct Worker {
+    handle: tokio::runtime::Handle,
+    runtime: Option<tokio::runtime::Runtime>,
+    tracker: TaskTracker,
+    /// Cancelled once shutdown starts: no new background work, loops end.
+    closing: CancellationToken,
 }
 
-/// A grant waiting to be committed over the row version it was refreshed from.
-struct Uncommitted {
-    expected_version: i64,
-    grant: TokenGrant,
-    refreshed_at: UnixSeconds,
+impl Worker {
+    /// Resolves once shutdown has started.
+    async fn tracker_closed(&self) {
+        self.closing.cancelled().await
+    }
 }
 
-/// Longest backoff after a retryable failure, whatever finX's `Retry-After` says.
-const MAX_BACKOFF_SECS: u64 = 300;
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Why [`TokenManager::new`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("cannot start the token manager's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Journal(#[from] journal::JournalError),
+}
 
 impl TokenManager {
-    /// Builds a manager over `store`, refreshing through `client`.
+    /// Builds a manager over `store`, refreshing through `endpoint`. Grants a previous run left
+    /// in `journal` are taken over (and committed on first use or by [`TokenManager::recover`]).
     pub fn new(
         store: Arc<dyn TokenStore>,
-        client: TokenClient,
+        endpoint: Arc<dyn TokenEndpoint>,
         clock: Arc<dyn Clock>,
-        refresh_skew: Duration,
-        one_time_retention: Duration,
-        capacity: u64,
-    ) -> Self {
-        let skew_secs = refresh_skew.as_secs() as i64;
+        settings: TokenSettings,
+        journal: Option<Journal>,
+    ) -> Result<Self, ManagerError> {
+        let skew_secs = settings.refresh_skew.as_secs() as i64;
         let cache = Cache::builder()
-            .max_capacity(capacity)
+            .max_capacity(settings.cache_capacity)
             .expire_after(RefreshWindowExpiry {
                 clock: clock.clone(),
                 skew_secs,
             })
             .build();
-        let rejected = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .time_to_live(Duration::from_secs(2 * 3600))
-            .build();
-        Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("finx-refresh")
+            .enable_all()
+            .build()
+            .map_err(ManagerError::Runtime)?;
+        let memory = Memory::default();
+        if let Some(journal) = &journal {
+            for (key, pending) in journal.load()? {
+                tracing::warn!(connection = %key, "a rotated refresh token from an earlier run is still uncommitted; it is committed before finX is asked again");
+                memory.update(&key, |entry| entry.uncommitted = Some(pending));
+            }
+        }
+        Ok(Self {
             inner: Arc::new(Inner {
                 cache,
-                rejected,
                 store,
-                client,
+                endpoint,
                 clock,
+                settings,
                 skew_secs,
-                one_time_retention_secs: one_time_retention.as_secs() as i64,
                 locks: KeyedLocks::default(),
-                uncommitted: Mutex::new(HashMap::new()),
-                backoff_until: moka::sync::Cache::builder()
-                    .max_capacity(capacity)
-                    .time_to_live(Duration::from_secs(MAX_BACKOFF_SECS))
-                    .build(),
-                dead: moka::sync::Cache::builder()
-                    .max_capacity(capacity)
-                    .time_to_live(Duration::from_secs(24 * 3600))
-                    .build(),
+                memory,
+                journal,
+                owner: format!("{:016x}", rand::random::<u64>()),
+                counters: Counters::default(),
+                worker: Worker {
+                    handle: runtime.handle().clone(),
+                    runtime: Some(runtime),
+                    tracker: TaskTracker::new(),
+                    closing: CancellationToken::new(),
+                },
             }),
-        }
+        })
     }
 
     /// A fresh credential for `key`: from the cache, else the store, else one shared refresh.
     pub async fn bearer(&self, key: &ConnectionKey) -> Result<Credential, TokenError> {
         let inner = &self.inner;
+        let now = inner.clock.now();
         if let Some(hit) = inner.cache.get(key).await {
-            if inner.is_fresh(hit.expires_at) {
+            if hit.expires_at - inner.skew_secs > now {
+                if now >= hit.refresh_at && !hit.flags.ahead_started.swap(true, Ordering::Relaxed) {
+                    inner.spawn_refresh_ahead(key.clone());
+                }
+                inner.touch_if_due(key, &hit, now);
                 return Ok(Credential {
                     header: hit.header,
                     version: hit.version,
@@ -219,19 +348,14 @@ impl TokenManager {
             }
             inner.cache.invalidate(key).await;
         }
-        let task_inner = inner.clone();
-        let task_key = key.clone();
-        let loaded = inner
-            .cache
-            .try_get_with(key.clone(), async move {
-                // A task of its own: if every waiting request goes away mid-refresh, the refresh
-                // still completes and commits the rotated token.
-                tokio::spawn(async move { task_inner.load_or_refresh(&task_key).await })
-                    .await
-                    .unwrap_or(Err(TokenError::Internal))
-            })
-            .await
-            .map_err(|shared: Arc<TokenError>| (*shared).clone())?;
+        let loaded = self.load_shared(key).await?;
+        if loaded.source == TokenSource::Refresh {
+            inner
+                .counters
+                .requests_waited
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        inner.touch_if_due(key, &loaded, now);
         Ok(Credential {
             header: loaded.header,
             version: loaded.version,
@@ -239,15 +363,58 @@ impl TokenManager {
         })
     }
 
+    /// The coalesced load: every concurrent caller shares one run of the refresh procedure.
+    async fn load_shared(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
+        let inner = self.inner.clone();
+        let task_key = key.clone();
+        self.inner
+            .cache
+            .try_get_with(key.clone(), async move {
+                // A task of its own: if every waiting request goes away mid-refresh, the refresh
+                // still completes and commits the rotated token.
+                let worker = inner.worker.handle.clone();
+                let tracked = inner.worker.tracker.track_future({
+                    let inner = inner.clone();
+                    async move { inner.load_or_refresh(&task_key).await }
+                });
+                worker
+                    .spawn(tracked)
+                    .await
+                    .unwrap_or(Err(TokenError::Internal))
+            })
+            .await
+            .map_err(|shared: Arc<TokenError>| (*shared).clone())
+    }
+
     /// finX answered 401 to the access token of `version`: forget it so the next request
-    /// refreshes instead of reusing it.
-    pub async fn reject(&self, key: &ConnectionKey, version: i64) {
+    /// refreshes instead of reusing it. At most one such forced refresh per connection per
+    /// `forced_refresh_interval` (a loop guard); `false` when the guard held it back.
+    pub async fn reject(&self, key: &ConnectionKey, version: i64) -> bool {
         let inner = &self.inner;
-        let highest = inner.rejected.get(key).map_or(version, |v| v.max(version));
-        inner.rejected.insert(key.clone(), highest);
+        let now = inner.clock.now();
+        if !inner.claim_forced_refresh(key, version, now) {
+            return false;
+        }
         if let Some(cached) = inner.cache.get(key).await {
             if cached.version <= version {
                 inner.cache.invalidate(key).await;
+            }
+        }
+        true
+    }
+
+    /// finX answered 401 to the access token of `version` on a request that can be replayed:
+    /// a credential newer than that one, refreshing once (shared by every request that met the
+    /// same 401). `None` when there is none to offer: the loop guard held the refresh back, or
+    /// it failed; the 401 then goes to the caller as it came.
+    pub async fn replacement(&self, key: &ConnectionKey, version: i64) -> Option<Credential> {
+        self.reject(key, version).await;
+        match self.bearer(key).await {
+            Ok(credential) if credential.version > version => Some(credential),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(connection = %key, %error, "no new credential after finX rejected one");
+                None
             }
         }
     }
@@ -266,299 +433,162 @@ impl TokenManager {
             .store
             .put_connection(key, consent, inner.clock.now())
             .await?;
-        inner.lock_uncommitted().remove(key);
-        inner.backoff_until.invalidate(key);
-        inner.dead.invalidate(key);
+        let had_uncommitted = inner.memory.get(key).uncommitted.is_some();
+        inner.memory.forget(key);
+        if had_uncommitted {
+            // The consent replaces the grant that was waiting to be stored.
+            inner.memory.update(key, |entry| entry.uncommitted = None);
+            inner.save_journal();
+        }
         inner.cache.invalidate(key).await;
         Ok(stored)
+    }
+
+    /// Finishes what earlier runs left behind: commits journaled grants and completes refreshes
+    /// whose intent a crash left in the store (see [`refresh`]). Runs in the background.
+    pub fn recover(&self) {
+        let inner = self.inner.clone();
+        self.inner
+            .spawn_tracked(async move { inner.recover().await });
+    }
+
+    /// Stops background work and waits (at most `deadline`) for refreshes in flight to commit;
+    /// a grant that cannot be committed stays in the journal for the next start. Blocking: call
+    /// it from a thread that runs no runtime (after the server has stopped).
+    pub fn shutdown(&self, deadline: Duration) -> bool {
+        let inner = &self.inner;
+        inner.worker.closing.cancel();
+        inner.worker.tracker.close();
+        let tracker = inner.worker.tracker.clone();
+        let handle = inner.worker.handle.clone();
+        let finished = std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    handle.block_on(async {
+                        tokio::time::timeout(deadline, tracker.wait()).await.is_ok()
+                    })
+                })
+                .join()
+                .unwrap_or(false)
+        });
+        let pending = inner.memory.uncommitted().len();
+        if finished {
+            tracing::info!(
+                uncommitted = pending,
+                "token manager stopped; every refresh in flight finished"
+            );
+        } else {
+            tracing::error!(
+                uncommitted = pending,
+                "token manager stopped with refreshes still in flight"
+            );
+        }
+        finished
     }
 
     /// Number of cached access tokens (approximate; for metrics and benches).
     pub fn cached_entries(&self) -> u64 {
         self.inner.cache.entry_count()
     }
+
+    /// What the manager has done so far.
+    pub fn stats(&self) -> TokenStats {
+        let c = &self.inner.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        TokenStats {
+            refreshes: get(&c.refreshes),
+            refreshes_ahead: get(&c.refreshes_ahead),
+            requests_waited: get(&c.requests_waited),
+            forced_refreshes: get(&c.forced_refreshes),
+            rotations_recovered: get(&c.rotations_recovered),
+            rotations_lost: get(&c.rotations_lost),
+            commit_window_max_us: get(&c.commit_window_max_us),
+            commit_window_total_us: get(&c.commit_window_total_us),
+            journaled: get(&c.journaled),
+        }
+    }
+
+    /// The keeper over this manager (see [`keeper`]).
+    pub fn keeper(&self, settings: keeper::KeeperSettings) -> keeper::Keeper {
+        keeper::Keeper::new(self.clone(), settings)
+    }
 }
 
 impl Inner {
-    fn is_fresh(&self, expires_at: UnixSeconds) -> bool {
-        expires_at - self.skew_secs > self.clock.now()
+    /// Runs `work` on the manager's runtime, tracked for shutdown; nothing new once closing.
+    fn spawn_tracked(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.worker.closing.is_cancelled() {
+            return;
+        }
+        self.worker
+            .handle
+            .spawn(self.worker.tracker.track_future(work));
     }
 
-    fn usable_stored_access<'c>(&self, connection: &'c Connection) -> Option<&'c AccessToken> {
-        let access = connection.access.as_ref()?;
-        let rejected = self
-            .rejected
-            .get(&connection.key)
-            .is_some_and(|version| connection.version <= version);
-        (!rejected && self.is_fresh(access.expires_at)).then_some(access)
-    }
-
-    fn lock_uncommitted(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionKey, Uncommitted>> {
-        self.uncommitted.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// What to do with a connection as stored.
-    fn judge(&self, connection: &Connection, now: UnixSeconds) -> Result<Verdict, TokenError> {
-        let key = &connection.key;
-        if key.is_flow() && connection.created_at + self.one_time_retention_secs <= now {
-            // finX has deleted a one-time flow's data by now; so does the gateway.
-            return Ok(Verdict::Expired);
-        }
-        let dead = self
-            .dead
-            .get(key)
-            .is_some_and(|version| connection.version <= version);
-        if connection.status != ConnectionStatus::Active || dead {
-            return Err(TokenError::ReauthRequired);
-        }
-        if let Some(access) = self.usable_stored_access(connection) {
-            return cached(
-                &access.token,
-                access.expires_at,
-                connection.version,
-                TokenSource::Store,
-            )
-            .map(Verdict::Use);
-        }
-        if connection.refresh_token.expose_secret().is_empty() {
-            // A grant that came without a refresh token ends with its access token.
-            return Err(TokenError::ReauthRequired);
-        }
-        if let Some(until) = self.backoff_until.get(key).filter(|until| *until > now) {
-            return Err(TokenError::Unavailable {
-                retry_after_secs: (until - now) as u64,
-            });
-        }
-        Ok(Verdict::Refresh)
-    }
-
-    async fn load_or_refresh(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
-        let _held = self.locks.lock(key).await;
-        self.commit_uncommitted(key).await?;
-        // A plain read first: a fresh access token in the store (stored by another replica, or
-        // before a restart) needs no lock.
-        let connection = self
-            .store
-            .load(key)
-            .await
-            .map_err(|e| store_failure(key, "load", e))?
-            .ok_or(TokenError::NotFound)?;
-        match self.judge(&connection, self.clock.now())? {
-            Verdict::Use(token) => return Ok(token),
-            Verdict::Expired => {
-                return match self.store.delete(key).await {
-                    Ok(_) => Err(TokenError::NotFound),
-                    Err(e) => Err(store_failure(key, "delete expired one-time connection", e)),
+    /// One background refresh ahead of expiry; the still-valid token keeps being served.
+    fn spawn_refresh_ahead(self: &Arc<Self>, key: ConnectionKey) {
+        let inner = self.clone();
+        self.spawn_tracked(async move {
+            match inner.refresh_ahead(&key).await {
+                Ok(token) => inner.cache.insert(key, token).await,
+                Err(error) => {
+                    tracing::warn!(connection = %key, %error, "refresh ahead of expiry failed; the current token is served until it must be refreshed")
                 }
             }
-            Verdict::Refresh => {}
-        }
-
-        // Serialise with every other refresher of this connection (other replicas included) and
-        // judge the row again as it is under the lock: another replica may have refreshed it
-        // while this one waited.
-        let lease = self
-            .store
-            .lock_for_refresh(key)
-            .await
-            .map_err(|e| store_failure(key, "lock for refresh", e))?;
-        let Some(connection) = lease.current().cloned() else {
-            return Err(TokenError::NotFound);
-        };
-        let now = self.clock.now();
-        match self.judge(&connection, now)? {
-            Verdict::Use(token) => return Ok(token),
-            Verdict::Expired => {
-                return match lease.delete().await {
-                    Ok(_) => Err(TokenError::NotFound),
-                    Err(e) => Err(store_failure(key, "delete expired one-time connection", e)),
-                }
-            }
-            Verdict::Refresh => {}
-        }
-
-        let grant = match self.client.refresh(&connection.refresh_token, now).await {
-            Ok(grant) => grant,
-            Err(failure) => {
-                return Err(self.refresh_failed(lease, &connection, failure, now).await)
-            }
-        };
-        self.backoff_until.invalidate(key);
-        // Persist before use, still under the lock. If the lease's own transaction cannot
-        // commit (its database session ended), the same compare-and-swap is retried on a new one.
-        let committed = match lease.commit_refresh(&grant, now).await {
-            Ok(committed) => Ok(committed),
-            Err(StoreError::Unavailable(reason)) => {
-                tracing::warn!(connection = %key, %reason, "refresh lease could not commit; retrying the commit");
-                self.commit(key, connection.version, &grant, now).await
-            }
-            Err(other) => Err(other),
-        };
-        let committed = match committed {
-            Ok(committed) => committed,
-            Err(StoreError::Conflict(_)) => {
-                // The row moved (a new consent, or another process): this grant is not its own.
-                tracing::error!(connection = %key, "connection changed during a refresh; the refreshed grant is dropped");
-                return Err(TokenError::Store);
-            }
-            Err(error) => {
-                tracing::error!(connection = %key, %error, "rotated refresh token not stored yet; kept in memory, finX is not asked again until it is");
-                self.lock_uncommitted().insert(
-                    key.clone(),
-                    Uncommitted {
-                        expected_version: connection.version,
-                        grant,
-                        refreshed_at: now,
-                    },
-                );
-                return Err(TokenError::Store);
-            }
-        };
-        tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
-        self.fresh_grant(&grant, committed.version)
+        });
     }
 
-    /// Commits a grant whose earlier commit failed. `Err` while it still cannot be stored.
-    async fn commit_uncommitted(&self, key: &ConnectionKey) -> Result<(), TokenError> {
-        let Some(pending) = self.lock_uncommitted().remove(key) else {
-            return Ok(());
-        };
-        match self
-            .commit(
-                key,
-                pending.expected_version,
-                &pending.grant,
-                pending.refreshed_at,
-            )
-            .await
+    /// Records the connection's data call in the store when the last record is older than
+    /// `touch_interval`; off the request path.
+    fn touch_if_due(self: &Arc<Self>, key: &ConnectionKey, token: &CachedToken, now: UnixSeconds) {
+        let interval = self.settings.touch_interval.as_secs() as i64;
+        let last = token.flags.touched_at.load(Ordering::Relaxed);
+        if now - last < interval
+            || token
+                .flags
+                .touched_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
         {
-            Ok(committed) => {
-                tracing::info!(connection = %key, version = committed.version, "stored a rotated refresh token after an earlier failure");
-                Ok(())
+            return;
+        }
+        let (inner, key) = (self.clone(), key.clone());
+        self.spawn_tracked(async move {
+            if let Err(error) = inner.store.touch(&key, now).await {
+                tracing::debug!(connection = %key, %error, "could not record a data call");
             }
-            Err(StoreError::Conflict(_)) => {
-                tracing::error!(connection = %key, "connection changed before a pending refresh could be stored; it is dropped");
-                Ok(())
+        });
+    }
+
+    /// Whether a forced refresh of `version` may happen now (the loop guard), claiming it.
+    fn claim_forced_refresh(&self, key: &ConnectionKey, version: i64, now: UnixSeconds) -> bool {
+        let interval = self.settings.forced_refresh_interval.as_secs() as i64;
+        let claimed = self.memory.update(key, |entry| {
+            if version <= entry.forced_version {
+                // Already forced away from this token (concurrent 401s share that refresh).
+                return true;
             }
-            Err(error) => {
-                tracing::error!(connection = %key, %error, "rotated refresh token still not stored");
-                self.lock_uncommitted().insert(key.clone(), pending);
-                Err(TokenError::Store)
+            if entry.forced_at.is_some_and(|at| now - at < interval) {
+                return false;
+            }
+            entry.forced_at = Some(now);
+            entry.forced_version = version;
+            true
+        });
+        if claimed {
+            self.memory
+                .judge_version(key, version, |entry| entry.rejected = true);
+        }
+        claimed
+    }
+
+    fn save_journal(&self) {
+        if let Some(journal) = &self.journal {
+            if let Err(error) = journal.save(&self.memory.uncommitted()) {
+                tracing::error!(%error, "the journal of uncommitted grants could not be written");
             }
         }
     }
-
-    /// The credential of a just-committed grant, if it can be used now. finX answers that are
-    /// missing an access token or expire within the refresh window are stored (their refresh
-    /// token matters) but not used: the request gets 503 instead of a token about to expire.
-    fn fresh_grant(&self, grant: &TokenGrant, version: i64) -> Result<CachedToken, TokenError> {
-        let access = &grant.access;
-        if access.token.expose_secret().is_empty() || !self.is_fresh(access.expires_at) {
-            tracing::warn!(
-                version,
-                "finX issued an access token that is missing or shorter than refresh_skew"
-            );
-            return Err(TokenError::Unavailable {
-                retry_after_secs: 1,
-            });
-        }
-        cached(
-            &access.token,
-            access.expires_at,
-            version,
-            TokenSource::Refresh,
-        )
-    }
-
-    /// Persist before use: the rotated refresh token must be durable before the new access token
-    /// is handed out. A transiently unavailable store gets a few quick retries.
-    async fn commit(
-        &self,
-        key: &ConnectionKey,
-        expected_version: i64,
-        grant: &TokenGrant,
-        now: UnixSeconds,
-    ) -> Result<Connection, StoreError> {
-        let mut pause = Duration::from_millis(50);
-        for attempt in 1.. {
-            match self
-                .store
-                .commit_refresh(key, expected_version, grant, now)
-                .await
-            {
-                Err(StoreError::Unavailable(reason)) if attempt < 4 => {
-                    tracing::warn!(connection = %key, attempt, %reason, "retrying commit of rotated refresh token");
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
-                }
-                outcome => return outcome,
-            }
-        }
-        unreachable!("the loop returns")
-    }
-
-    async fn refresh_failed(
-        &self,
-        lease: Box<dyn RefreshLease>,
-        connection: &Connection,
-        failure: TokenFailure,
-        now: UnixSeconds,
-    ) -> TokenError {
-        let key = &connection.key;
-        tracing::warn!(connection = %key, %failure, "finX token refresh failed");
-        let back_off = |retry_after_secs: u64| {
-            let secs = retry_after_secs.clamp(1, MAX_BACKOFF_SECS);
-            self.backoff_until.insert(key.clone(), now + secs as i64);
-            secs
-        };
-        match failure {
-            TokenFailure::InvalidGrant => {
-                // Remembered first: even if the store cannot record it, finX is not asked again
-                // for this grant (a newer row, e.g. a new consent, is not affected).
-                self.dead.insert(key.clone(), connection.version);
-                match lease
-                    .set_status(ConnectionStatus::ReauthRequired, now)
-                    .await
-                {
-                    Ok(()) => TokenError::ReauthRequired,
-                    Err(e) => store_failure(key, "mark reauth_required", e),
-                }
-            }
-            TokenFailure::Rejected(_) => TokenError::InvalidClient,
-            TokenFailure::Unavailable {
-                retry_after_secs, ..
-            } => TokenError::Unavailable {
-                retry_after_secs: back_off(retry_after_secs),
-            },
-            TokenFailure::Timeout => {
-                back_off(1);
-                TokenError::Timeout
-            }
-        }
-    }
-}
-
-fn store_failure(key: &ConnectionKey, operation: &'static str, error: StoreError) -> TokenError {
-    tracing::error!(connection = %key, operation, %error, "token store failure");
-    match error {
-        // Retrying cannot help an unreadable row: it is a fault to investigate, not an outage.
-        StoreError::Corrupt(_) => TokenError::Internal,
-        _ => TokenError::Store,
-    }
-}
-
-fn cached(
-    token: &SecretString,
-    expires_at: UnixSeconds,
-    version: i64,
-    source: TokenSource,
-) -> Result<CachedToken, TokenError> {
-    Ok(CachedToken {
-        header: bearer_header(token).ok_or(TokenError::Internal)?,
-        expires_at,
-        version,
-        source,
-    })
 }
 
 /// `Bearer <token>` as a sensitive header value; `None` when finX sent bytes no header can carry.
@@ -567,3 +597,6 @@ pub fn bearer_header(token: &SecretString) -> Option<HeaderValue> {
     value.set_sensitive(true);
     Some(value)
 }
+
+#[cfg(test)]
+mod tests;

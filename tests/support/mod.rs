@@ -18,7 +18,7 @@ use finx_gateway::sim::{SimConfig, SimControl, SimHandle};
 use finx_gateway::store::crypto::EncryptionKey;
 use finx_gateway::store::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
-    NewConnection, RefreshLease, StoreError, TokenGrant, TokenStore,
+    NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
 };
 use finx_gateway::RunningGateway;
 use secrecy::{ExposeSecret, SecretString};
@@ -128,6 +128,7 @@ impl Harness {
                 file.store.url = Some(SecretRef::File(url_path));
                 file.store.pool_size = Some(4);
                 file.store.tls = Some("disable".into());
+                file.store.journal = Some(self.dir.path().join("journal"));
             }
         }
         file.store.encryption_key = Some(SecretRef::File(self.dir.path().join("store.key")));
@@ -187,6 +188,10 @@ impl Harness {
     pub fn start_replica(&self) -> RunningGateway {
         let mut config = self.config();
         config.listen = finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("port");
+        config.store.journal = self
+            .dir
+            .path()
+            .join(format!("journal-{}", config.listen.port()));
         let store =
             finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).expect("store opens");
         RunningGateway::start(config, store, Arc::new(self.clock.clone())).expect("replica starts")
@@ -376,6 +381,22 @@ impl TokenStore for FlakyStore {
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
         self.inner.copy_in(connection).await
     }
+    async fn touch(&self, key: &ConnectionKey, now: i64) -> Result<(), StoreError> {
+        self.inner.touch(key, now).await
+    }
+    async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError> {
+        self.inner.pending_intents().await
+    }
+    async fn due_for_keeping(
+        &self,
+        refreshed_before: i64,
+        active_before: i64,
+        limit: u32,
+    ) -> Result<Vec<ConnectionKey>, StoreError> {
+        self.inner
+            .due_for_keeping(refreshed_before, active_before, limit)
+            .await
+    }
 }
 
 /// Takes one failure from the shared budget; `true` when this commit must fail.
@@ -395,6 +416,15 @@ struct FlakyLease {
 impl RefreshLease for FlakyLease {
     fn current(&self) -> Option<&Connection> {
         self.inner.current()
+    }
+    fn intent(&self) -> Option<&RefreshIntent> {
+        self.inner.intent()
+    }
+    async fn record_intent(&mut self, owner: &str, now: i64) -> Result<(), StoreError> {
+        self.inner.record_intent(owner, now).await
+    }
+    async fn abandon(self: Box<Self>) -> Result<(), StoreError> {
+        self.inner.abandon().await
     }
     async fn commit_refresh(
         self: Box<Self>,

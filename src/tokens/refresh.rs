@@ -1,0 +1,636 @@
+//! The refresh procedure, run under the connection's in-process lock by every path that may
+//! need finX: a request's load, a refresh ahead of expiry, the keeper, start-up recovery.
+//!
+//! 1. A grant an earlier attempt could not store is committed first (the token it replaced is
+//!    spent).
+//! 2. The row is read without a lock; a usable stored access token ends the procedure.
+//! 3. The store's refresh lease is taken (across replicas, a row lock) and the row judged again.
+//! 4. A refresh intent is recorded durably: a crash from here on leaves a trace. An intent left
+//!    by another process for the same version is either in flight on another replica (recent:
+//!    the request gets 503 rather than spending the token again) or a crash (finish it: ask finX
+//!    once; `invalid_grant` then means the rotated token was lost, and is reported).
+//! 5. finX is asked; answers that prove finX did not act (429, 5xx, no connection) are retried
+//!    with backoff within `RETRY_BUDGET`.
+//! 6. The grant is committed under the lease (persist before use) and only then handed out. A
+//!    grant the store refuses is kept in memory and in the journal, and committed before finX is
+//!    ever asked again for the connection.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::memory::Uncommitted;
+use super::{CachedToken, EntryFlags, Inner, TokenError, TokenFailure, TokenSource};
+use crate::clock::UnixSeconds;
+use crate::store::{
+    Connection, ConnectionKey, ConnectionStatus, RefreshLease, StoreError, TokenGrant,
+};
+
+/// Longest backoff after a retryable failure, whatever finX's `Retry-After` says.
+const MAX_BACKOFF_SECS: u64 = 300;
+
+/// How long one refresh keeps retrying finX answers that prove finX did not act.
+const RETRY_BUDGET: Duration = Duration::from_secs(3);
+
+/// An access token expiring sooner than this is never served, even while finX is down.
+const MIN_REMAINING_SECS: i64 = 2;
+
+/// Why the procedure runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// A request needs a credential now.
+    Request,
+    /// A cached token entered its early-refresh window: refresh unless another replica did.
+    Ahead,
+    /// Start-up recovery of an interrupted refresh, inside finX's grace window: refresh now
+    /// even if the stored access token is still valid.
+    Recover,
+    /// The keeper: refresh if the connection is still due.
+    Keep {
+        refreshed_before: UnixSeconds,
+        active_before: UnixSeconds,
+    },
+}
+
+/// What the procedure produced.
+pub(super) enum Outcome {
+    Token(CachedToken),
+    /// (Keeper) somebody refreshed the connection since it was found due.
+    NotDue,
+}
+
+/// What [`Inner::judge`] decided about a stored connection.
+enum Verdict {
+    Use(CachedToken),
+    Refresh,
+    Expired,
+    NotDue,
+}
+
+impl Inner {
+    pub(super) async fn load_or_refresh(
+        self: &Arc<Self>,
+        key: &ConnectionKey,
+    ) -> Result<CachedToken, TokenError> {
+        let _held = self.locks.lock(key).await;
+        self.token(self.run(key, Mode::Request).await?)
+    }
+
+    pub(super) async fn refresh_ahead(
+        self: &Arc<Self>,
+        key: &ConnectionKey,
+    ) -> Result<CachedToken, TokenError> {
+        let _held = self.locks.lock(key).await;
+        self.token(self.run(key, Mode::Ahead).await?)
+    }
+
+    /// The keeper's refresh of one connection; `Ok(false)` when it was no longer due.
+    pub(super) async fn keep(
+        self: &Arc<Self>,
+        key: &ConnectionKey,
+        refreshed_before: UnixSeconds,
+        active_before: UnixSeconds,
+    ) -> Result<bool, TokenError> {
+        let _held = self.locks.lock(key).await;
+        let mode = Mode::Keep {
+            refreshed_before,
+            active_before,
+        };
+        match self.run(key, mode).await? {
+            Outcome::Token(token) => {
+                self.cache.insert(key.clone(), token).await;
+                Ok(true)
+            }
+            Outcome::NotDue => Ok(false),
+        }
+    }
+
+    fn token(&self, outcome: Outcome) -> Result<CachedToken, TokenError> {
+        match outcome {
+            Outcome::Token(token) => Ok(token),
+            Outcome::NotDue => Err(TokenError::Internal),
+        }
+    }
+
+    /// Commits journaled grants, then finishes refreshes a crash interrupted.
+    pub(super) async fn recover(self: &Arc<Self>) {
+        for (key, _) in self.memory.uncommitted() {
+            let _held = self.locks.lock(&key).await;
+            if let Err(error) = self.commit_uncommitted(&key).await {
+                tracing::error!(connection = %key, %error, "a journaled grant could not be committed yet");
+            }
+        }
+        let intents = match self.store.pending_intents().await {
+            Ok(intents) => intents,
+            Err(error) => {
+                tracing::error!(%error, "interrupted refreshes could not be read");
+                return;
+            }
+        };
+        let grace = self.settings.rotation_grace.as_secs() as i64;
+        for (key, intent) in intents {
+            if intent.owner == self.owner {
+                continue;
+            }
+            let now = self.clock.now();
+            // Inside finX's grace window the old token still works once: use it now, before the
+            // window closes. Otherwise the next use of the connection finishes it.
+            if grace == 0 || now - intent.started_at >= grace {
+                tracing::warn!(connection = %key, "a refresh was interrupted (crash); it is finished on the connection's next use");
+                continue;
+            }
+            let _held = self.locks.lock(&key).await;
+            match self.run(&key, Mode::Recover).await {
+                Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
+                Ok(Outcome::NotDue) => {}
+                Err(error) => {
+                    tracing::error!(connection = %key, %error, "an interrupted refresh could not be finished")
+                }
+            }
+        }
+    }
+
+    async fn run(self: &Arc<Self>, key: &ConnectionKey, mode: Mode) -> Result<Outcome, TokenError> {
+        self.commit_uncommitted(key).await?;
+        // A plain read first: a usable stored access token (another replica's refresh, or one
+        // from before a restart) needs no lock.
+        let connection = self
+            .store
+            .load(key)
+            .await
+            .map_err(|e| store_failure(key, "load", e))?
+            .ok_or(TokenError::NotFound)?;
+        if let Some(done) = self.settle(&connection, mode, &mut None).await? {
+            return Ok(done);
+        }
+
+        // Serialise with every other refresher of this connection (other replicas included)
+        // and judge the row again as it is under the lock.
+        let lease = self
+            .store
+            .lock_for_refresh(key)
+            .await
+            .map_err(|e| store_failure(key, "lock for refresh", e))?;
+        let Some(connection) = lease.current().cloned() else {
+            return Err(TokenError::NotFound);
+        };
+        let now = self.clock.now();
+        let interrupted = match lease.intent() {
+            Some(intent) if intent.version == connection.version && intent.owner != self.owner => {
+                let age = now - intent.started_at;
+                if self.settings.shared_store
+                    && age < self.settings.refresh_hold_limit.as_secs() as i64
+                {
+                    // Another replica is asking finX for this token right now (its session
+                    // may have been cut, so its lock is gone): spending it again would be reuse.
+                    tracing::warn!(connection = %key, "another replica's refresh of this connection is still in flight");
+                    return Err(TokenError::Store);
+                }
+                tracing::warn!(connection = %key, "finishing a refresh another process started and never finished (a crash); asking finX once");
+                true
+            }
+            _ => false,
+        };
+        let mut lease = Some(lease);
+        if !interrupted {
+            if let Some(done) = self.settle(&connection, mode, &mut lease).await? {
+                return Ok(done);
+            }
+        }
+        let Some(mut lease) = lease else {
+            return Err(TokenError::Internal);
+        };
+
+        lease
+            .record_intent(&self.owner, now)
+            .await
+            .map_err(|e| store_failure(key, "record refresh intent", e))?;
+        crate::fail_point!("refresh-before-token-call");
+        let grant = match self.ask_finx(&connection.refresh_token).await {
+            Ok(grant) => grant,
+            Err(failure) => {
+                if interrupted && failure == TokenFailure::InvalidGrant {
+                    self.counters.rotations_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(connection = %key, "an interrupted refresh had already rotated the refresh token at finX and its answer was lost; the user must consent again");
+                }
+                let error = self.refresh_failed(lease, &connection, &failure, now).await;
+                return self.serve_despite(&connection, mode, error);
+            }
+        };
+        let answered = Instant::now();
+        crate::fail_point!("refresh-after-answer");
+        self.clear_backoff(key, connection.version);
+
+        // Persist before use, still under the lock. If the lease's own transaction cannot
+        // commit (its database session ended), the same compare-and-swap is retried on a new
+        // one.
+        let committed = match lease.commit_refresh(&grant, now).await {
+            Ok(committed) => Ok(committed),
+            Err(StoreError::Unavailable(reason)) => {
+                tracing::warn!(connection = %key, %reason, "refresh lease could not commit; retrying the commit");
+                self.commit(key, connection.version, &grant, now).await
+            }
+            Err(other) => Err(other),
+        };
+        let committed = match committed {
+            Ok(committed) => committed,
+            Err(StoreError::Conflict(_)) => {
+                // The row moved (a new consent): this grant is not its own any more.
+                tracing::error!(connection = %key, "connection changed during a refresh; the refreshed grant is dropped");
+                return Err(TokenError::Store);
+            }
+            Err(error) => {
+                tracing::error!(connection = %key, %error, "rotated refresh token not stored yet; kept in memory and in the journal, finX is not asked again until it is stored");
+                self.memory.update(key, |entry| {
+                    entry.uncommitted = Some(Uncommitted {
+                        expected_version: connection.version,
+                        grant,
+                        refreshed_at: now,
+                    })
+                });
+                self.counters.journaled.fetch_add(1, Ordering::Relaxed);
+                self.save_journal();
+                return Err(TokenError::Store);
+            }
+        };
+        self.record_commit_window(answered.elapsed());
+        crate::fail_point!("refresh-after-commit");
+        if interrupted {
+            self.counters
+                .rotations_recovered
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(connection = %key, "an interrupted refresh was finished");
+        }
+        self.counters.refreshes.fetch_add(1, Ordering::Relaxed);
+        if mode == Mode::Ahead {
+            self.counters
+                .refreshes_ahead
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
+        self.fresh_grant(&grant, &committed).map(Outcome::Token)
+    }
+
+    /// Ends the procedure when the row as read needs no refresh: `Some` with the outcome (the
+    /// lease, if any, is released), `None` to go on refreshing.
+    async fn settle(
+        &self,
+        connection: &Connection,
+        mode: Mode,
+        lease: &mut Option<Box<dyn RefreshLease>>,
+    ) -> Result<Option<Outcome>, TokenError> {
+        let key = &connection.key;
+        match self.judge(connection, mode, self.clock.now())? {
+            Verdict::Use(token) => Ok(Some(Outcome::Token(token))),
+            Verdict::NotDue => Ok(Some(Outcome::NotDue)),
+            Verdict::Expired => {
+                let deleted = match lease.take() {
+                    Some(lease) => lease.delete().await,
+                    None => self.store.delete(key).await,
+                };
+                match deleted {
+                    Ok(_) => Err(TokenError::NotFound),
+                    Err(e) => Err(store_failure(key, "delete expired one-time connection", e)),
+                }
+            }
+            Verdict::Refresh => Ok(None),
+        }
+    }
+
+    /// What to do with a connection as stored.
+    fn judge(
+        &self,
+        connection: &Connection,
+        mode: Mode,
+        now: UnixSeconds,
+    ) -> Result<Verdict, TokenError> {
+        let key = &connection.key;
+        if key.is_flow()
+            && connection.created_at + self.settings.one_time_retention.as_secs() as i64 <= now
+        {
+            // finX has deleted a one-time flow's data by now; so does the gateway.
+            return Ok(Verdict::Expired);
+        }
+        let entry = self.memory.get(key);
+        let concerns = entry.concerns(connection.version);
+        if connection.status != ConnectionStatus::Active || (concerns && entry.dead) {
+            return Err(TokenError::ReauthRequired);
+        }
+        if let Mode::Keep {
+            refreshed_before,
+            active_before,
+        } = mode
+        {
+            let refreshed = connection.refreshed_at.unwrap_or(connection.created_at);
+            let active = refreshed.max(connection.last_used_at.unwrap_or(0));
+            if refreshed >= refreshed_before && active >= active_before {
+                return Ok(Verdict::NotDue);
+            }
+        } else if let Some(token) = self.stored_token(connection, concerns && entry.rejected) {
+            let usable = match mode {
+                Mode::Request => token.expires_at - self.skew_secs > now,
+                Mode::Ahead => now < token.refresh_at,
+                Mode::Recover | Mode::Keep { .. } => false,
+            };
+            if usable {
+                return Ok(Verdict::Use(token));
+            }
+        }
+        if connection.refresh_token.expose_secret().is_empty() {
+            // A grant that came without a refresh token ends with its access token.
+            return Err(TokenError::ReauthRequired);
+        }
+        if concerns && entry.backoff_until > now {
+            let error = TokenError::Unavailable {
+                retry_after_secs: (entry.backoff_until - now) as u64,
+            };
+            return match self.serve_despite(connection, mode, error) {
+                Ok(Outcome::Token(token)) => Ok(Verdict::Use(token)),
+                Ok(Outcome::NotDue) => Ok(Verdict::NotDue),
+                Err(error) => Err(error),
+            };
+        }
+        Ok(Verdict::Refresh)
+    }
+
+    /// While finX cannot refresh, a request is still served with a stored access token that has
+    /// not expired (never an expired one); everything else gets `error`.
+    fn serve_despite(
+        &self,
+        connection: &Connection,
+        mode: Mode,
+        error: TokenError,
+    ) -> Result<Outcome, TokenError> {
+        let retryable = matches!(
+            error,
+            TokenError::Unavailable { .. } | TokenError::Timeout { .. }
+        );
+        if mode != Mode::Request || !retryable {
+            return Err(error);
+        }
+        let entry = self.memory.get(&connection.key);
+        let rejected = entry.concerns(connection.version) && entry.rejected;
+        match self.stored_token(connection, rejected) {
+            Some(token) if token.expires_at - self.clock.now() > MIN_REMAINING_SECS => {
+                Ok(Outcome::Token(token))
+            }
+            _ => Err(error),
+        }
+    }
+
+    /// The connection's stored access token as a cache entry, unless finX rejected it.
+    fn stored_token(&self, connection: &Connection, rejected: bool) -> Option<CachedToken> {
+        let access = connection.access.as_ref()?;
+        if rejected || access.token.expose_secret().is_empty() {
+            return None;
+        }
+        let issued = connection.refreshed_at.unwrap_or(connection.created_at);
+        self.cached(
+            &access.token,
+            access.expires_at,
+            access.expires_at - issued,
+            connection.version,
+            TokenSource::Store,
+            connection.last_used_at,
+        )
+        .ok()
+    }
+
+    /// Asks finX, retrying at once (with backoff and jitter, within [`RETRY_BUDGET`]) only
+    /// answers that prove finX did not act on the request.
+    async fn ask_finx(&self, refresh_token: &SecretString) -> Result<TokenGrant, TokenFailure> {
+        let deadline = Instant::now() + RETRY_BUDGET;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.endpoint.refresh(refresh_token, self.clock.now()).await {
+                Err(TokenFailure::Unavailable {
+                    not_processed: true,
+                    retry_after_secs,
+                    reason,
+                }) => {
+                    let wait = pause
+                        .max(Duration::from_secs(retry_after_secs))
+                        .mul_f64(rand::rng().random_range(0.8..1.2));
+                    if Instant::now() + wait >= deadline {
+                        return Err(TokenFailure::Unavailable {
+                            not_processed: true,
+                            retry_after_secs,
+                            reason,
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    pause *= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Commits a grant whose earlier commit failed. `Err` while it still cannot be stored.
+    async fn commit_uncommitted(&self, key: &ConnectionKey) -> Result<(), TokenError> {
+        let Some(pending) = self.memory.get(key).uncommitted else {
+            return Ok(());
+        };
+        let outcome = self
+            .commit(
+                key,
+                pending.expected_version,
+                &pending.grant,
+                pending.refreshed_at,
+            )
+            .await;
+        match outcome {
+            Ok(committed) => {
+                tracing::info!(connection = %key, version = committed.version, "stored a rotated refresh token after an earlier failure");
+            }
+            Err(StoreError::Conflict(_) | StoreError::NotFound(_)) => {
+                tracing::error!(connection = %key, "connection changed before a pending refresh could be stored; it is dropped");
+            }
+            Err(error) => {
+                tracing::error!(connection = %key, %error, "rotated refresh token still not stored");
+                return Err(TokenError::Store);
+            }
+        }
+        self.memory.update(key, |entry| entry.uncommitted = None);
+        self.save_journal();
+        Ok(())
+    }
+
+    /// Persist before use: a transiently unavailable store gets a few quick retries.
+    async fn commit(
+        &self,
+        key: &ConnectionKey,
+        expected_version: i64,
+        grant: &TokenGrant,
+        now: UnixSeconds,
+    ) -> Result<Connection, StoreError> {
+        let mut pause = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            match self
+                .store
+                .commit_refresh(key, expected_version, grant, now)
+                .await
+            {
+                Err(StoreError::Unavailable(reason)) if attempt < 4 => {
+                    tracing::warn!(connection = %key, attempt, %reason, "retrying commit of rotated refresh token");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn record_commit_window(&self, window: Duration) {
+        let micros = window.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.counters
+            .commit_window_max_us
+            .fetch_max(micros, Ordering::Relaxed);
+        self.counters
+            .commit_window_total_us
+            .fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn clear_backoff(&self, key: &ConnectionKey, version: i64) {
+        self.memory.judge_version(key, version, |entry| {
+            entry.backoff_until = 0;
+            entry.failures = 0;
+        });
+    }
+
+    async fn refresh_failed(
+        &self,
+        lease: Box<dyn RefreshLease>,
+        connection: &Connection,
+        failure: &TokenFailure,
+        now: UnixSeconds,
+    ) -> TokenError {
+        let key = &connection.key;
+        let version = connection.version;
+        tracing::warn!(connection = %key, %failure, "finX token refresh failed");
+        match failure {
+            TokenFailure::InvalidGrant => {
+                // Remembered first: even if the store cannot record it, finX is not asked again
+                // for this grant (a newer row, e.g. a new consent, is not affected).
+                self.memory
+                    .judge_version(key, version, |entry| entry.dead = true);
+                match lease
+                    .set_status(ConnectionStatus::ReauthRequired, now)
+                    .await
+                {
+                    Ok(()) => TokenError::ReauthRequired,
+                    Err(e) => store_failure(key, "mark reauth_required", e),
+                }
+            }
+            TokenFailure::Rejected(_) => {
+                // finX refused the client, not the grant: the token was not spent.
+                if let Err(e) = lease.abandon().await {
+                    tracing::warn!(connection = %key, error = %e, "could not clear a refresh intent");
+                }
+                TokenError::InvalidClient
+            }
+            TokenFailure::Unavailable {
+                retry_after_secs,
+                not_processed,
+                ..
+            } => {
+                if *not_processed {
+                    if let Err(e) = lease.abandon().await {
+                        tracing::warn!(connection = %key, error = %e, "could not clear a refresh intent");
+                    }
+                }
+                TokenError::Unavailable {
+                    retry_after_secs: self.back_off(key, version, *retry_after_secs),
+                }
+            }
+            TokenFailure::Timeout => TokenError::Timeout {
+                retry_after_secs: self.back_off(key, version, 1),
+            },
+        }
+    }
+
+    /// A cool-down that grows with consecutive failures (1, 2, 4 … s, at most 5 min, jittered)
+    /// and is never shorter than finX's `Retry-After`; returns it in seconds.
+    fn back_off(&self, key: &ConnectionKey, version: i64, retry_after_secs: u64) -> u64 {
+        // From the end of this refresh's own retries, not its start.
+        let now = self.clock.now();
+        let mut chosen = 1;
+        self.memory.judge_version(key, version, |entry| {
+            entry.failures = entry.failures.saturating_add(1);
+            let growing = 1u64 << (entry.failures - 1).min(9);
+            let jittered = (growing as f64 * rand::rng().random_range(1.0..1.25)) as u64;
+            chosen = jittered.max(retry_after_secs).clamp(1, MAX_BACKOFF_SECS);
+            entry.backoff_until = now + chosen as i64;
+        });
+        chosen
+    }
+
+    /// The credential of a just-committed grant, if it can be used now. finX answers that are
+    /// missing an access token or expire within the refresh window are stored (their refresh
+    /// token matters) but not used: the request gets 503 instead of a token about to expire.
+    fn fresh_grant(
+        &self,
+        grant: &TokenGrant,
+        committed: &Connection,
+    ) -> Result<CachedToken, TokenError> {
+        let access = &grant.access;
+        let now = self.clock.now();
+        if access.token.expose_secret().is_empty() || access.expires_at - self.skew_secs <= now {
+            tracing::warn!(
+                version = committed.version,
+                "finX issued an access token that is missing or shorter than refresh_skew"
+            );
+            return Err(TokenError::Unavailable {
+                retry_after_secs: 1,
+            });
+        }
+        self.cached(
+            &access.token,
+            access.expires_at,
+            access.expires_at - now,
+            committed.version,
+            TokenSource::Refresh,
+            committed.last_used_at,
+        )
+    }
+
+    /// A cache entry for `token`, with its early-refresh point: the last `refresh_ahead` share
+    /// of its `lifetime_secs`, at least twice `refresh_skew`.
+    fn cached(
+        &self,
+        token: &SecretString,
+        expires_at: UnixSeconds,
+        lifetime_secs: i64,
+        version: i64,
+        source: TokenSource,
+        touched_at: Option<UnixSeconds>,
+    ) -> Result<CachedToken, TokenError> {
+        let share = (lifetime_secs.max(0) as f64 * self.settings.refresh_ahead) as i64;
+        let window = share.max(2 * self.skew_secs);
+        Ok(CachedToken {
+            header: super::bearer_header(token).ok_or(TokenError::Internal)?,
+            expires_at,
+            refresh_at: expires_at - window,
+            version,
+            source,
+            flags: Arc::new(EntryFlags {
+                ahead_started: Default::default(),
+                touched_at: touched_at.unwrap_or(0).into(),
+            }),
+        })
+    }
+}
+
+fn store_failure(key: &ConnectionKey, operation: &'static str, error: StoreError) -> TokenError {
+    tracing::error!(connection = %key, operation, %error, "token store failure");
+    match error {
+        // Retrying cannot help an unreadable row: it is a fault to investigate, not an outage.
+        StoreError::Corrupt(_) => TokenError::Internal,
+        _ => TokenError::Store,
+    }
+}
