@@ -220,11 +220,19 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     let mut config = load(path)?;
     config.server.upgrade = upgrade;
     let _log_writer = crate::telemetry::init(&config.telemetry);
-    let _serving = crate::lock_store_for_serving(&config).map_err(|e| e.to_string())?;
+    // An upgrading process waits for the old one's serving lock in the background (and does
+    // not refresh until it has it); otherwise a held lock refuses the start.
+    let (_serving, refresh_gate) = if upgrade {
+        let gate = crate::lock_store_after_upgrade(&config).map_err(|e| e.to_string())?;
+        (None, Some(gate))
+    } else {
+        let lock = crate::lock_store_for_serving(&config).map_err(|e| e.to_string())?;
+        (Some(lock), None)
+    };
     tracing::info!(store = %config.store.describe(), "opening the token store");
     let store = crate::open_store(&config, OpenWait::UntilReachable).map_err(|e| e.to_string())?;
-    let built =
-        crate::build_server(&config, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
+    let built = crate::build_server(&config, store, Arc::new(SystemClock), refresh_gate)
+        .map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
     built.server.run(RunArgs {
         shutdown_signal: Box::new(crate::GatewaySignals),

@@ -80,14 +80,14 @@ pub struct ServingLock {
     _file: std::fs::File,
 }
 
-/// Takes the serving lock: `<store>.lock` for the embedded store, `<journal>.lock` for the
-/// shared one (each replica needs a journal of its own); or says which is already served.
-pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
-    let store_path = match &config.store.backend {
+/// The serving lock's file: `<store>.lock` for the embedded store, `<journal>.lock` for the
+/// shared one (each replica needs a journal of its own).
+fn serving_lock_file(config: &Config) -> Result<(std::fs::File, std::path::PathBuf), StartError> {
+    let locked = match &config.store.backend {
         StoreBackend::Sqlite { path } => path,
         StoreBackend::Postgres(_) => &config.store.journal,
     };
-    let mut path = store_path.clone().into_os_string();
+    let mut path = locked.clone().into_os_string();
     path.push(".lock");
     let path = std::path::PathBuf::from(path);
     let file = std::fs::OpenOptions::new()
@@ -96,12 +96,18 @@ pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError
         .write(true)
         .open(&path)
         .map_err(|e| StartError::Store(format!("cannot open {}: {e}", path.display())))?;
+    Ok((file, path))
+}
+
+/// Takes the serving lock, or says which store (or journal) is already served.
+pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
+    let (file, path) = serving_lock_file(config)?;
     match file.try_lock() {
         Ok(()) => Ok(ServingLock { _file: file }),
         Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Store(format!(
             "another finx-gateway process is serving {} (lock {}); an embedded store, and a \
              replica's journal, serve one gateway process",
-            store_path.display(),
+            config.store.describe(),
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => Err(StartError::Store(format!(
@@ -109,6 +115,29 @@ pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError
             path.display()
         ))),
     }
+}
+
+/// For a graceful upgrade (`serve --upgrade`): the old process still holds the serving lock
+/// while it drains, so the new one serves stored tokens at once and refreshes only once the
+/// lock is its own. The receiver turns `true` then; the lock is held until the process exits.
+pub fn lock_store_after_upgrade(
+    config: &Config,
+) -> Result<tokio::sync::watch::Receiver<bool>, StartError> {
+    let (file, path) = serving_lock_file(config)?;
+    let (acquired, receiver) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("finx-serving-lock".into())
+        .spawn(move || match file.lock() {
+            Ok(()) => {
+                tracing::info!(lock = %path.display(), "serving lock taken over; refreshing resumes");
+                let _ = acquired.send(true);
+                // Held for the rest of the process's life.
+                std::mem::forget(file);
+            }
+            Err(e) => tracing::error!(lock = %path.display(), error = %e, "cannot take the serving lock; this process will not refresh"),
+        })
+        .map_err(|e| StartError::Setup(format!("cannot start the lock thread: {e}")))?;
+    Ok(receiver)
 }
 
 /// Opens the configured token store; a key that does not match the store refuses to open. A
@@ -191,12 +220,19 @@ pub struct BuiltGateway {
 
 /// Builds the pingora server with the proxy service listening on `config.listen`, its token
 /// manager (which starts finishing what an earlier run left behind) and the keeper (started).
+///
+/// With `refresh_gate`, nothing is refreshed until it turns `true` (see
+/// [`lock_store_after_upgrade`]).
 pub fn build_server(
     config: &Config,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
+    refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<BuiltGateway, StartError> {
     let tokens = build_token_manager(config, store.clone(), clock.clone())?;
+    if let Some(gate) = refresh_gate {
+        tokens.gate_refreshes(gate);
+    }
     tokens.recover();
     let keeper = config.keeper.clone().map(|settings| {
         let keeper = Arc::new(tokens.keeper(settings));
@@ -418,7 +454,7 @@ impl RunningGateway {
         if config.listen.port() == 0 {
             config.listen = reserve_port(config.listen.ip())?;
         }
-        let built = build_server(&config, store, clock)?;
+        let built = build_server(&config, store, clock, None)?;
         Ok(Self {
             server: Some(ServerThread::spawn(
                 built.server,

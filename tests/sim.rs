@@ -1608,7 +1608,7 @@ async fn oversized_bodies_are_413() {
 
 #[tokio::test]
 async fn unknown_paths_and_methods_get_finx_errors() {
-    let sim = Sim::start(SimConfig::default());
+    let sim = Sim::with_control();
     let missing = sim
         .http
         .get(sim.url("/nope"))
@@ -1625,6 +1625,23 @@ async fn unknown_paths_and_methods_get_finx_errors() {
         .expect("request");
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(error_name(wrong_method).await, "method_not_allowed");
+    // On /rest, authentication comes before routing: an unsupported method with a bad token is
+    // 401, with a good one 405.
+    let grant = sim.ctl.create_grant("method-user").await.expect("grant");
+    let post = |token: &str| {
+        sim.http
+            .post(sim.url("/rest/accounts"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(
+        post("not-a-token").await.expect("request").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        post(&grant.access_token).await.expect("request").status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
     let odd = sim
         .http
         .get(sim.url("/rest/accounts/%FF%FE"))

@@ -9,6 +9,7 @@
 //! flows build on it, never the reverse.
 
 pub mod crypto;
+pub mod faulty;
 pub mod postgres;
 pub mod sqlite;
 

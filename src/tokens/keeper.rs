@@ -69,11 +69,12 @@ impl Keeper {
         }
     }
 
-    /// Runs passes every `interval` on the manager's runtime until it shuts down.
+    /// Runs passes every `interval` on the manager's runtime until it shuts down. The loop
+    /// itself is not waited for at shutdown; each refresh it starts is.
     pub fn start(self: &Arc<Self>) {
         let keeper = self.clone();
         let inner = self.manager.inner.clone();
-        inner.spawn_tracked(async move {
+        inner.worker.handle.spawn(async move {
             loop {
                 let jitter = rand::rng().random_range(0.9..1.1);
                 let pause = keeper.settings.interval.mul_f64(jitter);
@@ -117,12 +118,15 @@ impl Keeper {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let inner = inner.clone();
-            running.spawn(async move {
+            if inner.worker.closing.is_cancelled() {
+                break;
+            }
+            let task_inner = inner.clone();
+            running.spawn(inner.worker.tracker.track_future(async move {
                 let _permit = permit;
-                let outcome = inner.keep(&key, refreshed_before, active_before).await;
+                let outcome = task_inner.keep(&key, refreshed_before, active_before).await;
                 (key, outcome)
-            });
+            }));
         }
         while let Some(joined) = running.join_next().await {
             match joined {

@@ -241,6 +241,8 @@ struct Inner {
     counters: Counters,
     /// Runs refreshes and other background work, so a shutdown can wait for them.
     worker: Worker,
+    /// While set and `false`, refreshes wait (a process taking over from another).
+    refresh_gate: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// The manager's own runtime and the tracker of what runs on it.
@@ -326,6 +328,7 @@ impl TokenManager {
                     tracker: TaskTracker::new(),
                     closing: CancellationToken::new(),
                 },
+                refresh_gate: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -442,6 +445,18 @@ impl TokenManager {
         }
         inner.cache.invalidate(key).await;
         Ok(stored)
+    }
+
+    /// Holds every refresh until `gate` turns `true` (a graceful upgrade: the old process is
+    /// still refreshing). Requests that need a refresh meanwhile wait, at most the refresh hold
+    /// limit, then get 503.
+    pub fn gate_refreshes(&self, gate: tokio::sync::watch::Receiver<bool>) {
+        let _ = self.inner.refresh_gate.set(gate);
+    }
+
+    /// Background tasks in flight (refreshes, refreshes ahead, touches, keeper passes).
+    pub fn background_in_flight(&self) -> usize {
+        self.inner.worker.tracker.len()
     }
 
     /// Finishes what earlier runs left behind: commits journaled grants and completes refreshes

@@ -167,6 +167,7 @@ impl Inner {
             return Ok(done);
         }
 
+        self.wait_for_gate().await?;
         // Serialise with every other refresher of this connection (other replicas included)
         // and judge the row again as it is under the lock.
         let lease = self
@@ -272,6 +273,27 @@ impl Inner {
         }
         tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
         self.fresh_grant(&grant, &committed).map(Outcome::Token)
+    }
+
+    /// Waits until this process may refresh (see `TokenManager::gate_refreshes`).
+    async fn wait_for_gate(&self) -> Result<(), TokenError> {
+        let Some(gate) = self.refresh_gate.get() else {
+            return Ok(());
+        };
+        let mut gate = gate.clone();
+        let opened = tokio::time::timeout(self.settings.refresh_hold_limit, async {
+            gate.wait_for(|open| *open).await.is_ok()
+        })
+        .await;
+        match opened {
+            Ok(true) => Ok(()),
+            _ => {
+                tracing::warn!(
+                    "the previous process still holds the serving lock; not refreshing yet"
+                );
+                Err(TokenError::Store)
+            }
+        }
     }
 
     /// Ends the procedure when the row as read needs no refresh: `Some` with the outcome (the

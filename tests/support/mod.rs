@@ -16,6 +16,7 @@ use finx_gateway::clock::{Clock, ManualClock};
 use finx_gateway::config::{Config, ConfigFile, LogFormat, SecretRef};
 use finx_gateway::sim::{SimConfig, SimControl, SimHandle};
 use finx_gateway::store::crypto::EncryptionKey;
+use finx_gateway::store::faulty::FaultyStore;
 use finx_gateway::store::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
     NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
@@ -48,6 +49,8 @@ pub struct Harness {
     pub http: reqwest::Client,
     gateway: Option<RunningGateway>,
     store: Option<Arc<dyn TokenStore>>,
+    /// Fault injection into the running gateway's store (nothing injected until told).
+    store_faults: Option<Arc<FaultyStore>>,
     tweak: fn(&mut ConfigFile),
     /// The gateway's address, fixed across restarts because the callback URL names it.
     listen: SocketAddr,
@@ -97,6 +100,7 @@ impl Harness {
                 .expect("client"),
             gateway: None,
             store: None,
+            store_faults: None,
             tweak,
             caller_token: String::new(),
             listen: finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("free port"),
@@ -164,11 +168,14 @@ impl Harness {
     pub fn start_gateway(&mut self) {
         self.stop_gateway();
         let config = self.config();
+        let faults = Arc::new(FaultyStore::new(
+            finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).expect("store opens"),
+        ));
         let store: Arc<dyn TokenStore> = Arc::new(FlakyStore {
-            inner: finx_gateway::open_store(&config, finx_gateway::OpenWait::Once)
-                .expect("store opens"),
+            inner: faults.clone(),
             failing_commits: self.failing_commits.clone(),
         });
+        self.store_faults = Some(faults);
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         self.gateway =
             Some(RunningGateway::start(config, store.clone(), clock).expect("gateway starts"));
@@ -208,6 +215,11 @@ impl Harness {
             gateway.stop();
         }
         self.store = None;
+    }
+
+    /// Fault injection into the running gateway's store.
+    pub fn store_faults(&self) -> &FaultyStore {
+        self.store_faults.as_deref().expect("gateway running")
     }
 
     pub fn gateway(&self) -> &RunningGateway {

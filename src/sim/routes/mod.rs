@@ -28,12 +28,13 @@ pub(crate) type Shared = Arc<SimState>;
 
 /// Builds the full router; the `/_sim/*` control plane exists only when enabled.
 pub(crate) fn router(state: Shared) -> Router {
-    let mut router = Router::new()
+    let mut router: Router<Shared> = Router::new()
         .route("/auth/token", post(token::token))
         .route("/widget/{flow_id}", get(widget::page).post(widget::submit))
         .route("/category-tree", get(client_data::category_tree))
         .route("/rpc/categorize", post(client_data::categorize))
-        .route("/payment-receipts/{id}", get(client_data::payment_receipt))
+        .route("/payment-receipts/{id}", get(client_data::payment_receipt));
+    let rest = Router::new()
         .route("/rest/accounts", get(rest::accounts))
         .route("/rest/accounts/{account_id}", get(rest::account))
         .route(
@@ -68,7 +69,11 @@ pub(crate) fn router(state: Shared) -> Router {
             "/rest/account-verifications/{flow_id}",
             get(rest::account_verification),
         )
-        .route("/rest/risk-reports/{flow_id}", get(rest::risk_report));
+        .route("/rest/risk-reports/{flow_id}", get(rest::risk_report))
+        // finX authenticates before it routes: a method a /rest path does not support gets
+        // 401 with a bad token, 405 with a good one.
+        .method_not_allowed_fallback(rest::method_not_allowed);
+    router = router.merge(rest);
     for (kind, path) in super::flows::FlowKind::ALL {
         router = router.route(
             path,

@@ -231,6 +231,16 @@ pub(crate) async fn contract(
 }
 
 /// `DELETE /rest/contracts/{id}`: 204, then the contract is gone for this owner.
+/// A method the path does not support: 401 for a missing or invalid token (authentication
+/// comes first), else 405.
+pub(crate) async fn method_not_allowed(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> RestResult {
+    authorize(&state, &headers).await?;
+    Err(FinxError::method_not_allowed())
+}
+
 pub(crate) async fn delete_contract(
     State(state): State<Shared>,
     headers: HeaderMap,
