@@ -220,6 +220,7 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     let mut config = load(path)?;
     config.server.upgrade = upgrade;
     let _log_writer = crate::telemetry::init(&config.telemetry);
+    let signals = crate::GatewaySignals::install().map_err(|e| e.to_string())?;
     // An upgrading process waits for the old one's serving lock in the background (and does
     // not refresh until it has it); otherwise a held lock refuses the start.
     let (_serving, refresh_gate) = if upgrade {
@@ -235,7 +236,7 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
     built.server.run(RunArgs {
-        shutdown_signal: Box::new(crate::GatewaySignals),
+        shutdown_signal: Box::new(signals),
     });
     // The listeners are closed and requests drained; a refresh started is a refresh stored.
     let finished = built

@@ -339,34 +339,88 @@ fn build_proxy_server(
 /// The gateway's signals: SIGTERM **and SIGINT** stop gracefully (stop accepting, drain within
 /// `server.grace_period`; the caller then waits for refreshes in flight), SIGQUIT hands the
 /// listening sockets to a process started with `serve --upgrade`, then stops gracefully.
-/// (pingora's own watcher makes SIGINT a fast shutdown that drops refreshes mid-flight.)
-pub struct GatewaySignals;
+/// (pingora's own watcher makes SIGINT a fast shutdown.)
+///
+/// The handlers are installed by [`GatewaySignals::install`], before the listeners open: a
+/// signal that arrives while the server is still starting is kept, not lost, and never kills
+/// the process with the default disposition.
+pub struct GatewaySignals {
+    first: Mutex<Option<oneshot::Receiver<ShutdownSignal>>>,
+}
+
+impl GatewaySignals {
+    /// Installs the handlers on a thread of their own and returns once they are in place.
+    pub fn install() -> Result<Self, StartError> {
+        let (installed, ready) = std::sync::mpsc::channel();
+        let (deliver, first) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("finx-signals".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = installed.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let streams = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::quit()),
+                    );
+                    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = streams else {
+                        let _ = installed.send(Err("cannot listen for signals".to_owned()));
+                        return;
+                    };
+                    let _ = installed.send(Ok(()));
+                    let received = tokio::select! {
+                        _ = terminate.recv() => {
+                            tracing::info!("SIGTERM: stopping gracefully");
+                            ShutdownSignal::GracefulTerminate
+                        }
+                        _ = interrupt.recv() => {
+                            tracing::info!("SIGINT: stopping gracefully");
+                            ShutdownSignal::GracefulTerminate
+                        }
+                        _ = quit.recv() => {
+                            tracing::info!("SIGQUIT: handing the listeners to the new process, then stopping");
+                            ShutdownSignal::GracefulUpgrade
+                        }
+                    };
+                    let _ = deliver.send(received);
+                    // Later signals are caught (and ignored) until the process exits.
+                    loop {
+                        tokio::select! {
+                            _ = terminate.recv() => {}
+                            _ = interrupt.recv() => {}
+                            _ = quit.recv() => {}
+                        }
+                    }
+                });
+            })
+            .map_err(|e| StartError::Setup(format!("cannot start the signal thread: {e}")))?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Self {
+                first: Mutex::new(Some(first)),
+            }),
+            Ok(Err(reason)) => Err(StartError::Setup(reason)),
+            Err(_) => Err(StartError::Setup("the signal thread stopped".into())),
+        }
+    }
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for GatewaySignals {
     async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::quit()),
-        ) else {
-            tracing::error!("cannot listen for signals; stopping");
-            return ShutdownSignal::GracefulTerminate;
-        };
-        tokio::select! {
-            _ = terminate.recv() => {
-                tracing::info!("SIGTERM: stopping gracefully");
-                ShutdownSignal::GracefulTerminate
-            }
-            _ = interrupt.recv() => {
-                tracing::info!("SIGINT: stopping gracefully");
-                ShutdownSignal::GracefulTerminate
-            }
-            _ = quit.recv() => {
-                tracing::info!("SIGQUIT: handing the listeners to the new process, then stopping");
-                ShutdownSignal::GracefulUpgrade
-            }
+        let first = self.first.lock().ok().and_then(|mut r| r.take());
+        match first {
+            Some(first) => first.await.unwrap_or(ShutdownSignal::GracefulTerminate),
+            None => std::future::pending().await,
         }
     }
 }

@@ -6,18 +6,18 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use finx_gateway::config::ConfigFile;
 use finx_gateway::sim::{Faults, SimConfig};
 use finx_gateway::store::crypto::EncryptionKey;
-use finx_gateway::store::{ConnectionKey, ConnectionStatus, NewConnection, TokenStore};
+use finx_gateway::store::{ConnectionKey, ConnectionStatus, NewConnection};
 use futures::StreamExt;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use support::pg::{OutageProxy, TestDatabase};
+use support::process::{free_port, get, GatewayProcess, ProcessSetup};
 use support::{error_code, Harness, StoreKind};
 
 fn strict_sim() -> SimConfig {
@@ -282,153 +282,19 @@ async fn status_changes_and_new_consents_are_seen_by_every_replica() {
 
 // --- Processes: a crash is a SIGKILL of a real gateway process. ---
 
-/// Key files and client secret for gateway processes, in a directory of their own.
-struct ProcessSetup {
-    dir: tempfile::TempDir,
-    sim_url: String,
+/// The `[store]` body of a replica named `name` on the database at `url`.
+fn shared_store(setup: &ProcessSetup, name: &str, url: &str) -> String {
+    std::fs::write(setup.dir.path().join(format!("{name}.url")), url).unwrap();
+    format!(
+        "kind = \"postgres\"\nurl = {{ file = \"{name}.url\" }}\njournal = \"{name}.journal\"\n\
+         pool_size = 4\ntls = \"disable\"\nconnect_timeout = \"1s\"\nlock_timeout = \"1s\""
+    )
 }
 
-impl ProcessSetup {
-    fn new(sim_url: String) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["store.key", "caller.key"] {
-            std::fs::write(
-                dir.path().join(name),
-                EncryptionKey::generate().to_base64().expose_secret(),
-            )
-            .unwrap();
-        }
-        std::fs::write(dir.path().join("client-secret"), "demo-secret\n").unwrap();
-        Self { dir, sim_url }
-    }
-
-    /// A config listening on `listen`, with the database reached at `database_url`.
-    fn config(&self, name: &str, listen: std::net::SocketAddr, database_url: &str) -> PathBuf {
-        let url_file = self.dir.path().join(format!("{name}.url"));
-        std::fs::write(&url_file, database_url).unwrap();
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-[listener]
-address = "{listen}"
-[upstream]
-base_url = "{sim}"
-allow_insecure_http = true
-token_timeout = "10s"
-[client]
-id = "demo-client"
-secret = {{ file = "client-secret" }}
-[store]
-kind = "postgres"
-url = {{ file = "{name}.url" }}
-encryption_key = {{ file = "store.key" }}
-journal = "{name}.journal"
-pool_size = 4
-tls = "disable"
-connect_timeout = "1s"
-lock_timeout = "1s"
-[telemetry]
-level = "info"
-[callers]
-issuer = ["demo"]
-[[callers.keys]]
-kid = "k1"
-algorithms = ["HS256"]
-secret = {{ file = "caller.key" }}
-[[callers.services]]
-name = "svc"
-issuer = "demo"
-subject = "svc"
-connections = ["any"]
-routes = ["GET /rest/**"]
-"#,
-                sim = self.sim_url
-            ),
-        )
-        .unwrap();
-        path
-    }
-
-    fn caller_token(&self, config: &Path) -> String {
-        finx_gateway::config::Config::load(config)
-            .unwrap()
-            .callers
-            .mint(
-                "k1",
-                "demo",
-                "svc",
-                None,
-                Duration::from_secs(600),
-                Default::default(),
-            )
-            .unwrap()
-    }
-
-    fn store(&self, config: &Path) -> Arc<dyn TokenStore> {
-        let config = finx_gateway::config::Config::load(config).unwrap();
-        finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).unwrap()
-    }
-}
-
-/// A gateway process; killed (SIGKILL) when dropped.
-struct GatewayProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-    stderr: PathBuf,
-}
-
-impl GatewayProcess {
-    fn spawn(config: &Path, addr: std::net::SocketAddr, name: &str) -> Self {
-        let stderr = config.with_file_name(format!("{name}.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("gateway process starts");
-        Self {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn wait_until_serving(&self) {
-        finx_gateway::wait_until_accepting(self.addr, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> std::net::SocketAddr {
-    finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).unwrap()
-}
-
-async fn get(http: &reqwest::Client, base: &str, token: &str, user: &str) -> reqwest::Response {
-    http.get(format!("{base}/rest/accounts"))
-        .bearer_auth(token)
-        .header("x-finx-user", user)
-        .send()
-        .await
-        .expect("gateway answers")
+/// A replica's config file.
+fn replica(setup: &ProcessSetup, name: &str, listen: std::net::SocketAddr, url: &str) -> PathBuf {
+    let store = shared_store(setup, name, url);
+    setup.config(name, listen, &store, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,12 +304,12 @@ async fn a_replica_killed_while_holding_refresh_locks_loses_no_refresh_token() {
     let db = TestDatabase::create();
     let setup = ProcessSetup::new(sim.base_url());
     let (addr_a, addr_b, addr_c) = (free_port(), free_port(), free_port());
-    let config_a = setup.config("a", addr_a, &db.url);
-    let config_b = setup.config("b", addr_b, &db.url);
-    let config_c = setup.config("c", addr_c, &db.url);
-    let a = GatewayProcess::spawn(&config_a, addr_a, "a");
-    let b = GatewayProcess::spawn(&config_b, addr_b, "b");
-    let c = GatewayProcess::spawn(&config_c, addr_c, "c");
+    let config_a = replica(&setup, "a", addr_a, &db.url);
+    let config_b = replica(&setup, "b", addr_b, &db.url);
+    let config_c = replica(&setup, "c", addr_c, &db.url);
+    let a = GatewayProcess::spawn(&config_a, addr_a, "a", &[], &[]);
+    let b = GatewayProcess::spawn(&config_b, addr_b, "b", &[], &[]);
+    let c = GatewayProcess::spawn(&config_c, addr_c, "c", &[], &[]);
     for replica in [&a, &b, &c] {
         replica.wait_until_serving();
     }
@@ -479,7 +345,7 @@ async fn a_replica_killed_while_holding_refresh_locks_loses_no_refresh_token() {
         .map(|user| {
             let (http, base, token, user) =
                 (http.clone(), a.base_url(), token.clone(), user.clone());
-            tokio::spawn(async move { get(&http, &base, &token, &user).await.status() })
+            tokio::spawn(async move { get(&http, &base, &token, &user).await.map(|r| r.status()) })
         })
         .collect();
     let holding = || {
@@ -509,7 +375,7 @@ async fn a_replica_killed_while_holding_refresh_locks_loses_no_refresh_token() {
 
     // B waits for A's lock at most lock_timeout, then answers 503 without spending anything.
     let waited = Instant::now();
-    let response = get(&http, &b.base_url(), &token, &locked[0]).await;
+    let response = get(&http, &b.base_url(), &token, &locked[0]).await.unwrap();
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(error_code(response).await, "store_unavailable");
@@ -529,7 +395,7 @@ async fn a_replica_killed_while_holding_refresh_locks_loses_no_refresh_token() {
         } else {
             c.base_url()
         };
-        let response = get(&http, &base, &token, user).await;
+        let response = get(&http, &base, &token, user).await.unwrap();
         assert_eq!(response.status(), 200, "{user}: {}", b.log());
     }
     let stats = control.stats().await.unwrap();
@@ -558,11 +424,11 @@ async fn a_replica_started_while_the_database_is_down_waits_and_then_serves() {
     let proxy = OutageProxy::start();
     let setup = ProcessSetup::new(sim.base_url());
     let addr = free_port();
-    let config = setup.config("down", addr, &proxy.route(&db.url));
-    let direct = setup.config("direct", free_port(), &db.url);
+    let config = replica(&setup, "down", addr, &proxy.route(&db.url));
+    let direct = replica(&setup, "direct", free_port(), &db.url);
 
     proxy.cut();
-    let gateway = GatewayProcess::spawn(&config, addr, "down");
+    let gateway = GatewayProcess::spawn(&config, addr, "down", &[], &[]);
     eventually(
         Duration::from_secs(20),
         "a log line saying it waits",
@@ -592,6 +458,7 @@ async fn a_replica_started_while_the_database_is_down_waits_and_then_serves() {
     assert_eq!(
         get(&http, &gateway.base_url(), &token, "wendy")
             .await
+            .unwrap()
             .status(),
         200
     );

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod pg;
+pub mod process;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
