@@ -21,6 +21,8 @@ pub struct Uncommitted {
     pub expected_version: i64,
     pub grant: TokenGrant,
     pub refreshed_at: UnixSeconds,
+    /// Its entry in the write-ahead journal, to be marked done once committed.
+    pub journal_seq: Option<u64>,
 }
 
 /// Everything remembered about one connection.
@@ -195,6 +197,7 @@ mod tests {
                     scope: None,
                 },
                 refreshed_at: 0,
+                journal_seq: None,
             })
         });
         memory.forget(&key());

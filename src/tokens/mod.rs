@@ -43,7 +43,7 @@ use crate::store::{Connection, ConnectionKey, NewConnection, StoreError, TokenSt
 pub use client::{TokenClient, TokenEndpoint, TokenFailure};
 use journal::Journal;
 use locks::KeyedLocks;
-use memory::Memory;
+use memory::{Memory, Uncommitted};
 
 /// Why no credential could be produced. Each maps to one answer in `crate::error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,7 +165,7 @@ pub struct TokenStats {
     pub commit_window_max_us: u64,
     /// The sum of those times, for an average.
     pub commit_window_total_us: u64,
-    /// Grants written to the journal because the store refused them.
+    /// Grants the store refused, kept in memory and in the journal until committed.
     pub journaled: u64,
 }
 
@@ -304,7 +304,7 @@ impl TokenManager {
             .map_err(ManagerError::Runtime)?;
         let memory = Memory::default();
         if let Some(journal) = &journal {
-            for (key, pending) in journal.load()? {
+            for (key, pending) in journal.recover()? {
                 tracing::warn!(connection = %key, "a rotated refresh token from an earlier run is still uncommitted; it is committed before finX is asked again");
                 memory.update(&key, |entry| entry.uncommitted = Some(pending));
             }
@@ -436,12 +436,11 @@ impl TokenManager {
             .store
             .put_connection(key, consent, inner.clock.now())
             .await?;
-        let had_uncommitted = inner.memory.get(key).uncommitted.is_some();
+        // The consent replaces any grant that was waiting to be stored.
+        let replaced = inner.memory.update(key, |entry| entry.uncommitted.take());
         inner.memory.forget(key);
-        if had_uncommitted {
-            // The consent replaces the grant that was waiting to be stored.
-            inner.memory.update(key, |entry| entry.uncommitted = None);
-            inner.save_journal();
+        if let Some(seq) = replaced.and_then(|pending| pending.journal_seq) {
+            inner.journal_done(seq).await;
         }
         inner.cache.invalidate(key).await;
         Ok(stored)
@@ -597,11 +596,28 @@ impl Inner {
         claimed
     }
 
-    fn save_journal(&self) {
-        if let Some(journal) = &self.journal {
-            if let Err(error) = journal.save(&self.memory.uncommitted()) {
-                tracing::error!(%error, "the journal of uncommitted grants could not be written");
+    /// Writes `pending` to the journal durably (off the runtime's threads); its sequence
+    /// number, or `None` when there is no journal or it failed (logged).
+    async fn journal_record(&self, key: &ConnectionKey, pending: &Uncommitted) -> Option<u64> {
+        let journal = self.journal.clone()?;
+        let (key, pending) = (key.clone(), pending.clone());
+        match tokio::task::spawn_blocking(move || journal.record(&key, &pending)).await {
+            Ok(Ok(seq)) => Some(seq),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "a rotated grant could not be written to the journal; only the store will hold it");
+                None
             }
+            Err(_) => None,
+        }
+    }
+
+    /// Marks a journaled grant committed (or dropped).
+    async fn journal_done(&self, seq: u64) {
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || journal.done(seq)).await {
+            tracing::warn!(%error, "could not mark a journaled grant done");
         }
     }
 }

@@ -222,17 +222,28 @@ impl Inner {
             }
         };
         let answered = Instant::now();
+        // Until the journal append below is durable, the rotated token exists only here: the
+        // one window a crash can still cost a consent in.
         crate::fail_point!("refresh-after-answer");
+        let mut pending = Uncommitted {
+            expected_version: connection.version,
+            grant,
+            refreshed_at: now,
+            journal_seq: None,
+        };
+        pending.journal_seq = self.journal_record(key, &pending).await;
+        self.record_commit_window(answered.elapsed());
         self.clear_backoff(key, connection.version);
 
         // Persist before use, still under the lock. If the lease's own transaction cannot
         // commit (its database session ended), the same compare-and-swap is retried on a new
         // one.
-        let committed = match lease.commit_refresh(&grant, now).await {
+        let grant = &pending.grant;
+        let committed = match lease.commit_refresh(grant, now).await {
             Ok(committed) => Ok(committed),
             Err(StoreError::Unavailable(reason)) => {
                 tracing::warn!(connection = %key, %reason, "refresh lease could not commit; retrying the commit");
-                self.commit(key, connection.version, &grant, now).await
+                self.commit(key, connection.version, grant, now).await
             }
             Err(other) => Err(other),
         };
@@ -241,23 +252,22 @@ impl Inner {
             Err(StoreError::Conflict(_)) => {
                 // The row moved (a new consent): this grant is not its own any more.
                 tracing::error!(connection = %key, "connection changed during a refresh; the refreshed grant is dropped");
+                if let Some(seq) = pending.journal_seq {
+                    self.journal_done(seq).await;
+                }
                 return Err(TokenError::Store);
             }
             Err(error) => {
                 tracing::error!(connection = %key, %error, "rotated refresh token not stored yet; kept in memory and in the journal, finX is not asked again until it is stored");
-                self.memory.update(key, |entry| {
-                    entry.uncommitted = Some(Uncommitted {
-                        expected_version: connection.version,
-                        grant,
-                        refreshed_at: now,
-                    })
-                });
+                self.memory
+                    .update(key, |entry| entry.uncommitted = Some(pending));
                 self.counters.journaled.fetch_add(1, Ordering::Relaxed);
-                self.save_journal();
                 return Err(TokenError::Store);
             }
         };
-        self.record_commit_window(answered.elapsed());
+        if let Some(seq) = pending.journal_seq {
+            self.journal_done(seq).await;
+        }
         crate::fail_point!("refresh-after-commit");
         if interrupted {
             self.counters
@@ -272,7 +282,8 @@ impl Inner {
                 .fetch_add(1, Ordering::Relaxed);
         }
         tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
-        self.fresh_grant(&grant, &committed).map(Outcome::Token)
+        self.fresh_grant(&pending.grant, &committed)
+            .map(Outcome::Token)
     }
 
     /// Waits until this process may refresh (see `TokenManager::gate_refreshes`).
@@ -477,7 +488,9 @@ impl Inner {
             }
         }
         self.memory.update(key, |entry| entry.uncommitted = None);
-        self.save_journal();
+        if let Some(seq) = pending.journal_seq {
+            self.journal_done(seq).await;
+        }
         Ok(())
     }
 
@@ -508,6 +521,7 @@ impl Inner {
         }
     }
 
+    /// The time from finX's answer until the grant was durable (in the journal).
     fn record_commit_window(&self, window: Duration) {
         let micros = window.as_micros().min(u128::from(u64::MAX)) as u64;
         self.counters

@@ -334,42 +334,78 @@ async fn an_interrupted_refresh_is_finished_once_and_a_lost_rotation_reported() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grant_the_store_refused_is_journaled_and_committed_after_a_restart() {
+async fn a_grant_left_in_the_journal_is_committed_after_a_restart() {
     let mut fx = Fixture::new(Script::with([]));
     let key = fx.import("ida", None).await;
-    // What a failed commit leaves behind: the grant in memory and in the journal (written the
-    // way the refresh procedure writes it; the black-box store-fault tests fail real commits).
-    let pending = memory::Uncommitted {
-        expected_version: fx.stored(&key).await.version,
-        grant: TokenGrant {
-            access: AccessToken {
-                token: SecretString::from("access-journaled"),
-                expires_at: fx.clock.now() + 3600,
-            },
-            refresh_token: Some(SecretString::from("refresh-journaled")),
-            scope: None,
-        },
-        refreshed_at: fx.clock.now(),
+    let journal = || {
+        Journal::new(
+            fx.journal_path.clone(),
+            EncryptionKey::from_base64(
+                fx.key_b64.expose_secret(),
+                crate::store::crypto::KeySource::Env("TEST".into()),
+            )
+            .unwrap(),
+        )
     };
-    fx.manager
-        .inner
-        .memory
-        .update(&key, |entry| entry.uncommitted = Some(pending));
-    fx.manager.inner.save_journal();
-    assert!(fx.journal_path.exists());
+    // What a process that stopped after journaling finX's answer, before its commit, leaves.
+    fx.manager.shutdown(Duration::from_secs(5));
+    let left = journal();
+    left.recover().unwrap();
+    left.record(
+        &key,
+        &memory::Uncommitted {
+            expected_version: fx.stored(&key).await.version,
+            grant: TokenGrant {
+                access: AccessToken {
+                    token: SecretString::from("access-journaled"),
+                    expires_at: fx.clock.now() + 3600,
+                },
+                refresh_token: Some(SecretString::from("refresh-journaled")),
+                scope: None,
+            },
+            refreshed_at: fx.clock.now(),
+            journal_seq: None,
+        },
+    )
+    .unwrap();
+    drop(left);
 
-    // A restart reads the journal and commits it before asking finX anything.
+    // A restart commits it before asking finX anything.
     fx.restart();
     fx.manager.recover();
-    eventually("the journaled grant committed", || {
-        !fx.journal_path.exists()
-    })
-    .await;
-    let stored = fx.stored(&key).await;
-    assert_eq!(stored.refresh_token.expose_secret(), "refresh-journaled");
+    let store = fx.store.clone();
+    let key_again = key.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = store.load(&key_again).await.unwrap().unwrap();
+        if stored.refresh_token.expose_secret() == "refresh-journaled" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let served = fx.manager.bearer(&key).await.unwrap();
     assert_eq!(served.source, TokenSource::Store);
     assert_eq!(fx.script.calls(), 0);
+    eventually("the journal entry marked done", || {
+        fx.manager
+            .inner
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.pending() == 0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refresh_is_journaled_before_it_is_committed() {
+    let fx = Fixture::new(Script::with([]));
+    let key = fx.import("jay", None).await;
+    fx.manager.bearer(&key).await.unwrap();
+    let written = std::fs::read_to_string(&fx.journal_path).unwrap();
+    assert!(written.contains("\"op\":\"grant\""), "{written}");
+    assert!(written.contains("\"op\":\"done\""), "{written}");
+    assert!(!written.contains("refresh-1"), "tokens are sealed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
