@@ -210,6 +210,12 @@ impl TokenStore for NoStore {
     async fn touch(&self, _: &ConnectionKey, _: i64) -> Result<(), StoreError> {
         unreachable!()
     }
+    async fn register_owner(&self, _: &str) -> Result<(), StoreError> {
+        unreachable!()
+    }
+    async fn owner_alive(&self, _: &str) -> Result<bool, StoreError> {
+        unreachable!()
+    }
     async fn pending_intents(
         &self,
     ) -> Result<Vec<(ConnectionKey, finx_gateway::store::RefreshIntent)>, StoreError> {
@@ -819,4 +825,22 @@ async fn postgres_tokens_are_encrypted_at_rest() {
         )
         .unwrap();
     assert!(!dump.contains("CANARY"), "{dump}");
+}
+
+/// A process's liveness lock: seen by other replicas while it runs, gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_owner_liveness_follows_the_process() {
+    let fx = Fixture::postgres();
+    let replica_a = fx.open_with(same_key(&fx.key)).unwrap();
+    replica_a.register_owner("owner-a").await.unwrap();
+    assert!(fx.store.owner_alive("owner-a").await.unwrap());
+    assert!(!fx.store.owner_alive("owner-b").await.unwrap());
+    // Asking does not take the lock away.
+    assert!(fx.store.owner_alive("owner-a").await.unwrap());
+    drop(replica_a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.store.owner_alive("owner-a").await.unwrap() {
+        assert!(Instant::now() < deadline, "the lock outlived its process");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -229,6 +229,15 @@ impl TokenStore for FaultyStore {
         struck(strike, "copy", self.inner.copy_in(connection)).await
     }
 
+    async fn register_owner(&self, owner: &str) -> Result<(), StoreError> {
+        self.inner.register_owner(owner).await
+    }
+
+    async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
+        self.knobs.read("owner").await?;
+        self.inner.owner_alive(owner).await
+    }
+
     async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
         let strike = self.knobs.write().await;
         struck(strike, "touch", self.inner.touch(key, now)).await

@@ -343,6 +343,15 @@ pub trait TokenStore: Send + Sync + 'static {
         now: UnixSeconds,
     ) -> Result<Option<String>, StoreError>;
 
+    /// Announces that the gateway process `owner` is alive, for as long as this store handle
+    /// lives (PostgreSQL: a session-level advisory lock on a connection of its own). Other
+    /// replicas ask [`TokenStore::owner_alive`] about the owner of a refresh intent they find.
+    async fn register_owner(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// Whether the process `owner` is alive. On the embedded store another owner is always an
+    /// earlier process (one process serves a file), so never alive.
+    async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError>;
+
     /// Records a data call for `key` at `now` (for the keeper's idleness rule); tokens and
     /// version are untouched. A missing connection is not an error.
     async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError>;

@@ -21,11 +21,20 @@
 //! so every later reader sees the rotated token) or by the end of the holder's session (a
 //! rollback: nothing was written). There is no lease with a timer another replica could outwait,
 //! and no lock another replica can free: a replica that is merely slow keeps its lock, a crashed
-//! one loses it with its TCP connection. A session PostgreSQL ends while its finX call is still
-//! in flight (an operator's `pg_terminate_backend`, a failover) is the one case where a second
-//! replica may read the old token before the first one's result is stored; the gateway bounds it
-//! by setting `idle_in_transaction_session_timeout` above the token call's own timeout, so
-//! PostgreSQL never ends a healthy holder's session itself.
+//! one loses it with its TCP connection.
+//!
+//! One case remains where the lock alone is not enough: PostgreSQL ends a holder's session while
+//! its finX call is still in flight (an operator's `pg_terminate_backend`, a failover). Before
+//! its call, the holder durably records a *refresh intent* (version, time, owner) on a pool of
+//! its own; the commit deletes it. A replica that takes the lock and finds another owner's intent
+//! for the version it read asks whether that owner is alive: every process holds a session-level
+//! advisory lock named after itself on a connection of its own, which vanishes with the process.
+//! A live owner means its call may still be answered and committed (by compare-and-swap on a new
+//! connection), so the replica answers 503 instead of spending the token; a dead one means a
+//! crash, and the replica finishes the refresh (asking finX once; `invalid_grant` then means the
+//! rotation was lost, and is reported). The gateway also sets
+//! `idle_in_transaction_session_timeout` above the token call's own timeout, so PostgreSQL never
+//! ends a healthy holder's session itself.
 //!
 //! # Runtime
 //!
@@ -201,6 +210,8 @@ pub enum PgOpenError {
 pub struct PostgresStore {
     shared: Arc<Shared>,
     worker: Arc<Worker>,
+    /// For connections outside the pools (the owner's liveness lock).
+    options: PgConnectOptions,
 }
 
 struct Shared {
@@ -276,6 +287,7 @@ impl PostgresStore {
         wait: OpenWait,
     ) -> Result<Self, PgOpenError> {
         let options = settings.connect_options()?;
+        let own_options = options.clone();
         let worker = Worker::start()?;
         let pool_size = settings.pool_size;
         let connect_timeout = settings.connect_timeout;
@@ -311,6 +323,7 @@ impl PostgresStore {
         Ok(Self {
             shared: Arc::new(shared),
             worker: Arc::new(worker),
+            options: own_options,
         })
     }
 
@@ -891,6 +904,72 @@ impl TokenStore for PostgresStore {
         .await
     }
 
+    /// Holds `pg_advisory_lock(<owner>)` on a connection of its own for as long as the store's
+    /// runtime runs, re-taking it after the connection is lost. A crashed process's lock
+    /// vanishes with its session.
+    async fn register_owner(&self, owner: &str) -> Result<(), StoreError> {
+        let owner = owner.to_owned();
+        let options = self.options.clone();
+        let (taken, first) = tokio::sync::oneshot::channel();
+        self.worker.handle.spawn(async move {
+            let mut taken = Some(taken);
+            loop {
+                let held = async {
+                    let mut conn = PgConnection::connect_with(&options).await?;
+                    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                        .bind(owner_lock_name(&owner))
+                        .execute(&mut conn)
+                        .await?;
+                    Ok::<_, sqlx::Error>(conn)
+                }
+                .await;
+                match held {
+                    Ok(mut conn) => {
+                        if let Some(taken) = taken.take() {
+                            let _ = taken.send(Ok(()));
+                        }
+                        // Keep the session (and its lock); notice when it is gone.
+                        while conn.ping().await.is_ok() {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                    Err(error) => {
+                        if let Some(taken) = taken.take() {
+                            let _ = taken.send(Err(db_error(None, error)));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        first
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's runtime stopped".to_owned()))?
+    }
+
+    async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
+        let name = owner_lock_name(owner);
+        self.run(|shared| async move {
+            let mut conn = shared.pool.acquire().await.map_err(|e| db_error(None, e))?;
+            let free: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&name)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| db_error(None, e))?;
+            if free {
+                // Taken only to look: released before the connection goes back to the pool.
+                sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                    .bind(&name)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_error(None, e))?;
+            }
+            Ok(!free)
+        })
+        .await
+    }
+
     /// Skips a row whose refresh lock is held: the refresh in progress is activity itself, and
     /// a background touch must never wait behind it.
     async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
@@ -1025,6 +1104,11 @@ impl TokenStore for PostgresStore {
         })
         .await
     }
+}
+
+/// The advisory lock name that says a gateway process is alive.
+fn owner_lock_name(owner: &str) -> String {
+    format!("finx-gateway owner {owner}")
 }
 
 /// A refresh under the row lock of an open transaction (see the module docs).

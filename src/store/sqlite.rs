@@ -855,6 +855,14 @@ impl TokenStore for SqliteStore {
         .await
     }
 
+    async fn register_owner(&self, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn owner_alive(&self, _owner: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError> {
         let key = key.clone();
         self.run(move |conn, _| {

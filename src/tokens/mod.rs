@@ -243,6 +243,8 @@ struct Inner {
     worker: Worker,
     /// While set and `false`, refreshes wait (a process taking over from another).
     refresh_gate: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// Set once the store knows this process is alive (see `TokenStore::register_owner`).
+    owner_registered: tokio::sync::OnceCell<()>,
 }
 
 /// The manager's own runtime and the tracker of what runs on it.
@@ -329,6 +331,7 @@ impl TokenManager {
                     closing: CancellationToken::new(),
                 },
                 refresh_gate: std::sync::OnceLock::new(),
+                owner_registered: tokio::sync::OnceCell::new(),
             }),
         })
     }

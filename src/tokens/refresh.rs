@@ -182,11 +182,14 @@ impl Inner {
         let interrupted = match lease.intent() {
             Some(intent) if intent.version == connection.version && intent.owner != self.owner => {
                 let age = now - intent.started_at;
+                let recent = age < self.settings.refresh_hold_limit.as_secs() as i64;
+                // The lock is ours, so the intent's owner lost its database session: a crash
+                // (its liveness lock is gone too), or a session cut while its finX call may
+                // still be in flight, when spending the token again would be reuse.
                 if self.settings.shared_store
-                    && age < self.settings.refresh_hold_limit.as_secs() as i64
+                    && recent
+                    && self.store.owner_alive(&intent.owner).await.unwrap_or(true)
                 {
-                    // Another replica is asking finX for this token right now (its session
-                    // may have been cut, so its lock is gone): spending it again would be reuse.
                     tracing::warn!(connection = %key, "another replica's refresh of this connection is still in flight");
                     return Err(TokenError::Store);
                 }
@@ -205,6 +208,7 @@ impl Inner {
             return Err(TokenError::Internal);
         };
 
+        self.register_owner().await?;
         lease
             .record_intent(&self.owner, now)
             .await
@@ -284,6 +288,18 @@ impl Inner {
         tracing::info!(connection = %key, version = committed.version, "refreshed finX access token");
         self.fresh_grant(&pending.grant, &committed)
             .map(Outcome::Token)
+    }
+
+    /// Announces this process to the store once, before its first refresh intent.
+    async fn register_owner(&self) -> Result<(), TokenError> {
+        self.owner_registered
+            .get_or_try_init(|| self.store.register_owner(&self.owner))
+            .await
+            .map(drop)
+            .map_err(|error| {
+                tracing::error!(%error, "token store failure: this process could not announce itself");
+                TokenError::Store
+            })
     }
 
     /// Waits until this process may refresh (see `TokenManager::gate_refreshes`).

@@ -397,6 +397,12 @@ impl TokenStore for FlakyStore {
     async fn touch(&self, key: &ConnectionKey, now: i64) -> Result<(), StoreError> {
         self.inner.touch(key, now).await
     }
+    async fn register_owner(&self, owner: &str) -> Result<(), StoreError> {
+        self.inner.register_owner(owner).await
+    }
+    async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
+        self.inner.owner_alive(owner).await
+    }
     async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError> {
         self.inner.pending_intents().await
     }
