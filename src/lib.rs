@@ -13,7 +13,8 @@ macro_rules! fail_point {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]
         {
-            tracing::warn!(point = $name, "fail point reached");
+            // Straight to stderr, not through the log writer: the crash tests watch for it.
+            eprintln!("fail point reached: {}", $name);
             fail::fail_point!($name);
         }
     };

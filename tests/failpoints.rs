@@ -23,10 +23,21 @@ mod crashes {
 
     use finx_gateway::sim::SimConfig;
 
-    use crate::support::process::{free_port, get, import, GatewayProcess, ProcessSetup};
+    use crate::support::process::{
+        free_port, get, import, GatewayProcess, ProcessSetup, ProcessStore,
+    };
+    use crate::support::StoreKind;
 
     /// Kills per fail point.
     const ITERATIONS: usize = 50;
+
+    crate::on_both_stores!(
+        a_crash_before_the_token_call_loses_nothing,
+        a_crash_during_the_commit_loses_nothing,
+        a_crash_after_the_commit_loses_nothing,
+        a_crash_between_finx_answer_and_the_journal_is_reported,
+        with_a_grace_window_a_crash_after_finx_answer_loses_nothing,
+    );
 
     /// What the crashes at one point cost.
     #[derive(Debug)]
@@ -38,7 +49,12 @@ mod crashes {
 
     /// Kills a gateway at `point` once per user, then checks every user on a clean start (or,
     /// with `check_each`, right after each kill: finX's grace window is short).
-    async fn crash_at(point: &'static str, grace: Duration, check_each: bool) -> Report {
+    async fn crash_at(
+        kind: StoreKind,
+        point: &'static str,
+        grace: Duration,
+        check_each: bool,
+    ) -> Report {
         let sim = finx_gateway::sim::spawn(SimConfig {
             grace_window: grace,
             ..SimConfig::default().with_control()
@@ -46,10 +62,11 @@ mod crashes {
         .unwrap();
         let control = sim.control();
         let setup = ProcessSetup::new(sim.base_url());
+        let store = ProcessStore::new(kind);
         let addr = free_port();
         let extra = "[server]\ngrace_period = \"0s\"\n[keeper]\nenabled = false\n\
                      [tokens]\nrefresh_ahead = 0.0";
-        let config = setup.config("gw", addr, ProcessSetup::sqlite_store(), extra);
+        let config = setup.config("gw", addr, &store.fragment(&setup, "gw"), extra);
         // `rotation_grace` tells the gateway how long finX accepts a just-rotated token again.
         if !grace.is_zero() {
             let text = std::fs::read_to_string(&config).unwrap().replace(
@@ -107,7 +124,7 @@ mod crashes {
                 tokio::spawn(async move { get(&http, &base, &token, &user).await.is_ok() })
             };
             // Every fail point logs when it is passed; wait for this one, which then sleeps.
-            let reached = format!("\"point\":\"{point}\"");
+            let reached = format!("fail point reached: {point}\n");
             let deadline = Instant::now() + Duration::from_secs(20);
             while !gateway.log().contains(&reached) {
                 assert!(
@@ -154,7 +171,7 @@ mod crashes {
             lost,
         };
         println!(
-            "fail point {}: {} kills, {} connections lost their refresh token",
+            "{kind:?}, fail point {}: {} kills, {} connections lost their refresh token",
             report.point,
             report.kills,
             report.lost.len()
@@ -162,30 +179,26 @@ mod crashes {
         report
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_crash_before_the_token_call_loses_nothing() {
-        let report = crash_at("refresh-before-token-call", Duration::ZERO, false).await;
+    async fn a_crash_before_the_token_call_loses_nothing(kind: StoreKind) {
+        let report = crash_at(kind, "refresh-before-token-call", Duration::ZERO, false).await;
         assert!(report.lost.is_empty(), "{report:?}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_crash_during_the_commit_loses_nothing() {
-        let report = crash_at("refresh-during-commit", Duration::ZERO, false).await;
+    async fn a_crash_during_the_commit_loses_nothing(kind: StoreKind) {
+        let report = crash_at(kind, "refresh-during-commit", Duration::ZERO, false).await;
         assert!(report.lost.is_empty(), "{report:?}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_crash_after_the_commit_loses_nothing() {
-        let report = crash_at("refresh-after-commit", Duration::ZERO, false).await;
+    async fn a_crash_after_the_commit_loses_nothing(kind: StoreKind) {
+        let report = crash_at(kind, "refresh-after-commit", Duration::ZERO, false).await;
         assert!(report.lost.is_empty(), "{report:?}");
     }
 
     /// The one window left: finX has rotated the token and answered, the gateway has not yet
     /// written the answer anywhere. Under strict rotation those consents are lost (counted and
     /// reported, and each is marked `reauth_required` instead of failing forever).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_crash_between_finx_answer_and_the_journal_is_reported() {
-        let report = crash_at("refresh-after-answer", Duration::ZERO, false).await;
+    async fn a_crash_between_finx_answer_and_the_journal_is_reported(kind: StoreKind) {
+        let report = crash_at(kind, "refresh-after-answer", Duration::ZERO, false).await;
         assert_eq!(report.kills, ITERATIONS);
         println!(
             "strict rotation, crash after finX's answer: {} of {} consents lost",
@@ -196,9 +209,8 @@ mod crashes {
 
     /// With finX's grace window (5 s here) the restarted gateway presents the old token once
     /// more, inside the window, and nothing is lost.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn with_a_grace_window_a_crash_after_finx_answer_loses_nothing() {
-        let report = crash_at("refresh-after-answer", Duration::from_secs(5), true).await;
+    async fn with_a_grace_window_a_crash_after_finx_answer_loses_nothing(kind: StoreKind) {
+        let report = crash_at(kind, "refresh-after-answer", Duration::from_secs(5), true).await;
         assert!(report.lost.is_empty(), "{report:?}");
     }
 }

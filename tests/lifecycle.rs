@@ -9,9 +9,19 @@ use std::time::{Duration, Instant};
 
 use finx_gateway::sim::{Faults, SimConfig};
 use futures::StreamExt;
-use support::{error_code, Harness};
+use support::{error_code, Harness, StoreKind};
 
 const DAY: i64 = 86_400;
+
+crate::on_both_stores!(
+    under_steady_traffic_tokens_are_refreshed_ahead_and_no_request_waits,
+    the_keeper_keeps_idle_connections_alive_for_200_days_and_leaves_dead_ones_alone,
+    the_keeper_runs_on_its_own_schedule,
+    a_401_storm_refreshes_each_connection_once_replays_gets_and_passes_posts_through,
+    during_a_token_endpoint_outage_valid_tokens_serve_expired_ones_fail_and_all_recover,
+    store_errors_at_20_percent_fail_closed_and_lose_no_refresh_token,
+    finx_429_and_503_on_data_calls_pass_through_untouched,
+);
 
 /// Polls `check` until it holds or `within` passes.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
@@ -53,9 +63,8 @@ async fn storm(harness: &Harness, users: &[String], count: usize) -> Vec<u16> {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_steady_traffic_tokens_are_refreshed_ahead_and_no_request_waits() {
-    let harness = Harness::start();
+async fn under_steady_traffic_tokens_are_refreshed_ahead_and_no_request_waits(kind: StoreKind) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
     let users: Vec<String> = (0..3).map(|i| format!("steady-{i}")).collect();
     for user in &users {
         harness.seed_user(user).await;
@@ -84,9 +93,10 @@ async fn under_steady_traffic_tokens_are_refreshed_ahead_and_no_request_waits() 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_keeper_keeps_idle_connections_alive_for_200_days_and_leaves_dead_ones_alone() {
-    let harness = Harness::start();
+async fn the_keeper_keeps_idle_connections_alive_for_200_days_and_leaves_dead_ones_alone(
+    kind: StoreKind,
+) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
     let idle: Vec<String> = (0..5).map(|i| format!("idle-{i}")).collect();
     for user in &idle {
         harness.import_user(user).await;
@@ -124,9 +134,8 @@ async fn the_keeper_keeps_idle_connections_alive_for_200_days_and_leaves_dead_on
     assert_eq!(error_code(response).await, "reauth_required");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_keeper_runs_on_its_own_schedule() {
-    let harness = Harness::with(SimConfig::default().with_control(), |file| {
+async fn the_keeper_runs_on_its_own_schedule(kind: StoreKind) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |file| {
         file.keeper.interval = Some(Duration::from_millis(50));
     });
     harness.import_user("scheduled").await;
@@ -148,9 +157,10 @@ async fn the_keeper_runs_on_its_own_schedule() {
     assert!(harness.gateway().keeper().unwrap().passes() > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_401_storm_refreshes_each_connection_once_replays_gets_and_passes_posts_through() {
-    let harness = Harness::with(SimConfig::default().with_control(), |file| {
+async fn a_401_storm_refreshes_each_connection_once_replays_gets_and_passes_posts_through(
+    kind: StoreKind,
+) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |file| {
         file.callers.services[0]
             .routes
             .push("POST /rest/accounts".into());
@@ -211,9 +221,10 @@ async fn a_401_storm_refreshes_each_connection_once_replays_gets_and_passes_post
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn during_a_token_endpoint_outage_valid_tokens_serve_expired_ones_fail_and_all_recover() {
-    let harness = Harness::start();
+async fn during_a_token_endpoint_outage_valid_tokens_serve_expired_ones_fail_and_all_recover(
+    kind: StoreKind,
+) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
     let users: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
     for user in &users {
         harness.seed_user(user).await;
@@ -269,9 +280,8 @@ async fn during_a_token_endpoint_outage_valid_tokens_serve_expired_ones_fail_and
     assert_eq!(after.families_revoked, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_errors_at_20_percent_fail_closed_and_lose_no_refresh_token() {
-    let harness = Harness::start();
+async fn store_errors_at_20_percent_fail_closed_and_lose_no_refresh_token(kind: StoreKind) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
     let users: Vec<String> = (0..50).map(|i| format!("faulty-{i}")).collect();
     for user in &users {
         harness.import_user(user).await;
@@ -308,4 +318,49 @@ async fn store_errors_at_20_percent_fail_closed_and_lose_no_refresh_token() {
     assert_eq!(stats.families_revoked, 0);
     assert_eq!(stats.invalid_grant_responses, 0);
     println!("store faults at 20 %: {answered:?} over {total} requests");
+}
+
+async fn finx_429_and_503_on_data_calls_pass_through_untouched(kind: StoreKind) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
+    harness.seed_user("busy").await;
+    assert_eq!(harness.get_as("busy", "/rest/accounts").await.status(), 200);
+    let before = harness.control.stats().await.unwrap();
+    harness
+        .control
+        .set_faults(&Faults {
+            data_rate_limit_rate: 1.0,
+            retry_after_secs: 7,
+            ..Faults::default()
+        })
+        .await
+        .unwrap();
+    let response = harness.get_as("busy", "/rest/accounts").await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    harness
+        .control
+        .set_faults(&Faults {
+            data_error_rate: 1.0,
+            error_status: 503,
+            retry_after_secs: 3,
+            ..Faults::default()
+        })
+        .await
+        .unwrap();
+    let response = harness.get_as("busy", "/rest/accounts").await;
+    assert_eq!(response.status(), 503);
+    // finX's own answer, not the gateway's: no gateway error body.
+    let body = response.text().await.unwrap();
+    assert!(!body.contains("upstream_unavailable"), "{body}");
+    harness
+        .control
+        .set_faults(&Faults::default())
+        .await
+        .unwrap();
+    assert_eq!(harness.get_as("busy", "/rest/accounts").await.status(), 200);
+    let after = harness.control.stats().await.unwrap();
+    assert_eq!(
+        after.token_requests, before.token_requests,
+        "the token was kept"
+    );
 }

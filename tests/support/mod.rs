@@ -31,6 +31,30 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// The app's return address every test flow uses (allowed by the harness's gateway).
 pub const APP_RETURN: &str = "https://app.example/finx/return";
 
+/// Generates `sqlite::<case>` and `postgres::<case>` tests, each calling `<case>(StoreKind)`:
+/// the fault and lifecycle tests run on both stores.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($crate::support::StoreKind::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($crate::support::StoreKind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 /// Which token store a harness's gateways use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {

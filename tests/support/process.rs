@@ -228,3 +228,32 @@ pub async fn get(
         .send()
         .await
 }
+
+/// The store gateway processes share in a test: a SQLite file in the setup's directory, or a
+/// PostgreSQL database of the test's own.
+pub struct ProcessStore {
+    pub database: Option<super::pg::TestDatabase>,
+}
+
+impl ProcessStore {
+    pub fn new(kind: super::StoreKind) -> Self {
+        Self {
+            database: (kind == super::StoreKind::Postgres).then(super::pg::TestDatabase::create),
+        }
+    }
+
+    /// The `[store]` body for the process named `name` (each replica has a journal of its own;
+    /// processes that follow each other under one name share it, as a restarted one would).
+    pub fn fragment(&self, setup: &ProcessSetup, name: &str) -> String {
+        match &self.database {
+            None => ProcessSetup::sqlite_store().to_owned(),
+            Some(database) => {
+                std::fs::write(setup.dir.path().join("database.url"), &database.url).unwrap();
+                format!(
+                    "kind = \"postgres\"\nurl = {{ file = \"database.url\" }}\n\
+                     journal = \"{name}.journal\"\npool_size = 10\ntls = \"disable\""
+                )
+            }
+        }
+    }
+}
