@@ -1,11 +1,14 @@
 //! The binary's commands, run as a process: config checking, key handling, imports.
 
+mod support;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use finx_gateway::store::crypto::EncryptionKey;
 use secrecy::ExposeSecret;
+use support::process::ProcessSetup;
 
 fn gateway(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_finx-gateway"))
@@ -32,53 +35,15 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// A valid config for a simulator on `base_url` in `dir`.
-fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    std::fs::write(
-        dir.join("store.key"),
-        EncryptionKey::generate().to_base64().expose_secret(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("caller.key"),
-        EncryptionKey::generate().to_base64().expose_secret(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("client-secret"), "demo-secret\n").unwrap();
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[listener]
-address = "127.0.0.1:0"
-[upstream]
-base_url = "http://127.0.0.1:9"
-allow_insecure_http = true
-[client]
-id = "demo-client"
-secret = {{ file = "client-secret" }}
-[store]
-path = "tokens.db"
-encryption_key = {{ file = "store.key" }}
-[callers]
-issuer = ["demo"]
-[[callers.keys]]
-kid = "k1"
-algorithms = ["HS256"]
-secret = {{ file = "caller.key" }}
-[[callers.services]]
-name = "svc"
-issuer = "demo"
-subject = "svc"
-connections = ["any"]
-routes = ["GET /rest/**"]
-{extra}
-"#
-        ),
-    )
-    .unwrap();
-    path
+/// A valid config (an unreachable finX, an embedded store) in the setup's directory.
+fn write_config(setup: &ProcessSetup, extra: &str) -> std::path::PathBuf {
+    let listen = "127.0.0.1:0".parse().unwrap();
+    setup.config("gateway", listen, ProcessSetup::sqlite_store(), extra)
+}
+
+/// Keys and secret files for a config, in a directory of their own.
+fn setup() -> ProcessSetup {
+    ProcessSetup::new("http://127.0.0.1:9".into())
 }
 
 #[test]
@@ -123,16 +88,16 @@ cache_capacity = 0
 
 #[test]
 fn check_config_accepts_the_shipped_examples_shape() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "");
+    let setup = setup();
+    let path = write_config(&setup, "");
     let output = gateway(&["check-config", path.to_str().unwrap()], None);
     assert!(output.status.success(), "{}", text(&output));
 }
 
 #[test]
 fn unknown_keys_and_inline_secrets_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "[tokens]\nrefresh_skeww = \"60s\"");
+    let setup = setup();
+    let path = write_config(&setup, "[tokens]\nrefresh_skeww = \"60s\"");
     let output = gateway(&["check-config", path.to_str().unwrap()], None);
     assert!(!output.status.success());
     assert!(text(&output).contains("refresh_skeww"), "{}", text(&output));
@@ -140,8 +105,8 @@ fn unknown_keys_and_inline_secrets_are_refused() {
 
 #[test]
 fn trusted_local_is_refused_on_a_public_listener() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "");
+    let setup = setup();
+    let path = write_config(&setup, "");
     let config = std::fs::read_to_string(&path)
         .unwrap()
         .replace("127.0.0.1:0", "0.0.0.0:8080")
@@ -164,8 +129,8 @@ fn trusted_local_is_refused_on_a_public_listener() {
 
 #[test]
 fn import_stores_a_refresh_token_that_list_never_shows() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "");
+    let setup = setup();
+    let path = write_config(&setup, "");
     let token = "CANARY-IMPORTED-REFRESH-TOKEN-".repeat(70);
     let output = gateway(
         &[
@@ -222,8 +187,9 @@ fn import_stores_a_refresh_token_that_list_never_shows() {
 
 #[test]
 fn a_wrong_key_refuses_to_start_with_a_clear_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "");
+    let setup = setup();
+    let dir = &setup.dir;
+    let path = write_config(&setup, "");
     let output = gateway(
         &[
             "connections",

@@ -23,9 +23,7 @@ mod crashes {
 
     use finx_gateway::sim::SimConfig;
 
-    use crate::support::process::{
-        free_port, get, import, GatewayProcess, ProcessSetup, ProcessStore,
-    };
+    use crate::support::process::{get, import_users, GatewayProcess, Rig};
     use crate::support::StoreKind;
 
     /// Kills per fail point.
@@ -55,18 +53,15 @@ mod crashes {
         grace: Duration,
         check_each: bool,
     ) -> Report {
-        let sim = finx_gateway::sim::spawn(SimConfig {
+        let sim = SimConfig {
             grace_window: grace,
             ..SimConfig::default().with_control()
-        })
-        .unwrap();
-        let control = sim.control();
-        let setup = ProcessSetup::new(sim.base_url());
-        let store = ProcessStore::new(kind);
-        let addr = free_port();
+        };
+        let rig = Rig::new(kind, sim);
+        let (control, setup, store, addr) = (&rig.control, &rig.setup, &rig.store, rig.addr);
         let extra = "[server]\ngrace_period = \"0s\"\n[keeper]\nenabled = false\n\
                      [tokens]\nrefresh_ahead = 0.0";
-        let config = setup.config("gw", addr, &store.fragment(&setup, "gw"), extra);
+        let config = setup.config("gw", addr, &store.fragment(setup, "gw"), extra);
         // `rotation_grace` tells the gateway how long finX accepts a just-rotated token again.
         if !grace.is_zero() {
             let text = std::fs::read_to_string(&config).unwrap().replace(
@@ -76,17 +71,7 @@ mod crashes {
             std::fs::write(&config, text).unwrap();
         }
         let users: Vec<String> = (0..ITERATIONS).map(|i| format!("crash-{i}")).collect();
-        {
-            let store = setup.store(&config);
-            for user in &users {
-                import(
-                    &store,
-                    user,
-                    control.create_grant(user).await.unwrap().refresh_token,
-                )
-                .await;
-            }
-        }
+        import_users(setup, &config, control, &users).await;
         let token = setup.caller_token(&config);
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let fail_point = format!("{point}=sleep(60000)");

@@ -5,10 +5,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use finx_gateway::sim::{Faults, SimConfig};
 use futures::StreamExt;
+use support::eventually;
 use support::{error_code, Harness, StoreKind};
 
 const DAY: i64 = 86_400;
@@ -22,19 +23,6 @@ crate::on_both_stores!(
     store_errors_at_20_percent_fail_closed_and_lose_no_refresh_token,
     finx_429_and_503_on_data_calls_pass_through_untouched,
 );
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Waits until the gateway has no background work in flight (refreshes ahead, touches).
 async fn settled(harness: &Harness) {

@@ -16,6 +16,7 @@ use finx_gateway::store::{ConnectionKey, ConnectionStatus, NewConnection};
 use futures::StreamExt;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
+use support::eventually;
 use support::pg::{OutageProxy, TestDatabase};
 use support::process::{free_port, get, GatewayProcess, ProcessSetup};
 use support::{error_code, Harness, StoreKind};
@@ -24,19 +25,6 @@ fn strict_sim() -> SimConfig {
     SimConfig {
         grace_window: Duration::ZERO,
         ..SimConfig::default().with_control()
-    }
-}
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -481,63 +469,29 @@ fn run(args: &[&str]) -> String {
     text
 }
 
-fn store_config(dir: &Path, name: &str, store: &str) -> PathBuf {
+/// A config named `name` whose store (`[store]` body `store`) has an encryption key of its own.
+fn store_config(setup: &ProcessSetup, name: &str, store: &str) -> PathBuf {
     std::fs::write(
-        dir.join(format!("{name}.key")),
+        setup.dir.path().join(format!("{name}.key")),
         EncryptionKey::generate().to_base64().expose_secret(),
     )
     .unwrap();
-    std::fs::write(
-        dir.join("caller.key"),
-        EncryptionKey::generate().to_base64().expose_secret(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("client-secret"), "demo-secret\n").unwrap();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[upstream]
-base_url = "http://127.0.0.1:9"
-allow_insecure_http = true
-[client]
-id = "demo-client"
-secret = {{ file = "client-secret" }}
-[store]
-encryption_key = {{ file = "{name}.key" }}
-{store}
-[callers]
-issuer = ["demo"]
-[[callers.keys]]
-kid = "k1"
-algorithms = ["HS256"]
-secret = {{ file = "caller.key" }}
-[[callers.services]]
-name = "svc"
-issuer = "demo"
-subject = "svc"
-connections = ["any"]
-routes = ["GET /rest/**"]
-"#
-        ),
-    )
-    .unwrap();
-    path
+    let store = format!("encryption_key = {{ file = \"{name}.key\" }}\n{store}");
+    setup.config(name, free_port(), &store, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_copy_round_trips_sqlite_postgres_sqlite_with_different_keys() {
     let db = TestDatabase::create();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pg.url"), &db.url).unwrap();
-    let first = store_config(dir.path(), "first", r#"path = "first.db""#);
+    let setup = ProcessSetup::new("http://127.0.0.1:9".into());
+    std::fs::write(setup.dir.path().join("pg.url"), &db.url).unwrap();
+    let first = store_config(&setup, "first", r#"path = "first.db""#);
     let shared = store_config(
-        dir.path(),
+        &setup,
         "shared",
         "kind = \"postgres\"\nurl = { file = \"pg.url\" }\ntls = \"disable\"\npool_size = 2",
     );
-    let last = store_config(dir.path(), "last", r#"path = "last.db""#);
+    let last = store_config(&setup, "last", r#"path = "last.db""#);
     let open = |config: &Path| {
         let config = finx_gateway::config::Config::load(config).unwrap();
         finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).unwrap()

@@ -7,11 +7,12 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use finx_gateway::sim::{Faults, SimConfig, SimControl};
 use rand::Rng;
-use support::process::{free_port, get, import, GatewayProcess, ProcessSetup, ProcessStore};
+use support::eventually;
+use support::process::{get, import_users, GatewayProcess, Rig};
 use support::StoreKind;
 
 crate::on_both_stores!(
@@ -25,19 +26,6 @@ fn strict_sim(access_ttl: Duration) -> SimConfig {
         grace_window: Duration::ZERO,
         access_ttl,
         ..SimConfig::default().with_control()
-    }
-}
-
-/// Polls `check` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -71,29 +59,16 @@ fn traffic(
 }
 
 async fn ten_stops_under_refresh_load_by_sigterm_and_sigint_lose_no_refresh_token(kind: StoreKind) {
-    let sim = finx_gateway::sim::spawn(strict_sim(Duration::from_secs(4))).unwrap();
-    let control = sim.control();
-    let setup = ProcessSetup::new(sim.base_url());
-    let store = ProcessStore::new(kind);
-    let addr = free_port();
+    let rig = Rig::new(kind, strict_sim(Duration::from_secs(4)));
+    let (control, setup, store, addr) = (&rig.control, &rig.setup, &rig.store, rig.addr);
     let config = setup.config(
         "gw",
         addr,
-        &store.fragment(&setup, "gw"),
+        &store.fragment(setup, "gw"),
         "[tokens]\nrefresh_skew = \"1s\"\n[server]\ngrace_period = \"1s\"",
     );
     let users: Arc<Vec<String>> = Arc::new((0..40).map(|i| format!("stop-{i}")).collect());
-    {
-        let store = setup.store(&config);
-        for user in users.iter() {
-            import(
-                &store,
-                user,
-                control.create_grant(user).await.unwrap().refresh_token,
-            )
-            .await;
-        }
-    }
+    import_users(setup, &config, control, &users).await;
     // Every answer from the token endpoint arrives 400 ms after the rotation took effect.
     control
         .set_faults(&Faults {
@@ -121,9 +96,9 @@ async fn ten_stops_under_refresh_load_by_sigterm_and_sigint_lose_no_refresh_toke
             })
             .collect();
         // Stop while refreshes are in flight: finX has been asked and has not answered yet.
-        let asked = token_requests(&control).await;
+        let asked = token_requests(control).await;
         eventually(Duration::from_secs(20), "refreshes in flight", || async {
-            token_requests(&control).await >= asked + 3
+            token_requests(control).await >= asked + 3
         })
         .await;
         let signal = if round % 2 == 0 {
@@ -174,29 +149,16 @@ async fn ten_stops_under_refresh_load_by_sigterm_and_sigint_lose_no_refresh_toke
 async fn sigterm_during_a_refresh_storm_commits_every_answered_refresh_and_cuts_no_request(
     kind: StoreKind,
 ) {
-    let sim = finx_gateway::sim::spawn(strict_sim(Duration::from_secs(3600))).unwrap();
-    let control = sim.control();
-    let setup = ProcessSetup::new(sim.base_url());
-    let store = ProcessStore::new(kind);
-    let addr = free_port();
+    let rig = Rig::new(kind, strict_sim(Duration::from_secs(3600)));
+    let (control, setup, store, addr) = (&rig.control, &rig.setup, &rig.store, rig.addr);
     let config = setup.config(
         "gw",
         addr,
-        &store.fragment(&setup, "gw"),
+        &store.fragment(setup, "gw"),
         "[server]\ngrace_period = \"3s\"",
     );
     let users: Vec<String> = (0..100).map(|i| format!("storm-{i}")).collect();
-    {
-        let store = setup.store(&config);
-        for user in &users {
-            import(
-                &store,
-                user,
-                control.create_grant(user).await.unwrap().refresh_token,
-            )
-            .await;
-        }
-    }
+    import_users(setup, &config, control, &users).await;
     control
         .set_faults(&Faults {
             token_answer_delay_ms: 200,
@@ -224,7 +186,7 @@ async fn sigterm_during_a_refresh_storm_commits_every_answered_refresh_and_cuts_
     eventually(
         Duration::from_secs(20),
         "the storm reaching finX",
-        || async { token_requests(&control).await >= 50 },
+        || async { token_requests(control).await >= 50 },
     )
     .await;
     gateway.signal(libc::SIGTERM);
@@ -256,33 +218,20 @@ async fn sigterm_during_a_refresh_storm_commits_every_answered_refresh_and_cuts_
 async fn a_graceful_upgrade_refuses_no_connection_and_refreshes_nothing_still_valid(
     kind: StoreKind,
 ) {
-    let sim = finx_gateway::sim::spawn(strict_sim(Duration::from_secs(3600))).unwrap();
-    let control = sim.control();
-    let setup = ProcessSetup::new(sim.base_url());
-    let store = ProcessStore::new(kind);
-    let addr = free_port();
+    let rig = Rig::new(kind, strict_sim(Duration::from_secs(3600)));
+    let (control, setup, store, addr) = (&rig.control, &rig.setup, &rig.store, rig.addr);
     let socket = setup.dir.path().join("upgrade.sock");
     let config = setup.config(
         "gw",
         addr,
-        &store.fragment(&setup, "gw"),
+        &store.fragment(setup, "gw"),
         &format!(
             "[server]\ngrace_period = \"1s\"\nupgrade_sock = \"{}\"",
             socket.display()
         ),
     );
     let users: Arc<Vec<String>> = Arc::new((0..20).map(|i| format!("upgrade-{i}")).collect());
-    {
-        let store = setup.store(&config);
-        for user in users.iter() {
-            import(
-                &store,
-                user,
-                control.create_grant(user).await.unwrap().refresh_token,
-            )
-            .await;
-        }
-    }
+    import_users(setup, &config, control, &users).await;
     let token = setup.caller_token(&config);
     let mut old = GatewayProcess::spawn(&config, addr, "old", &[], &[]);
     old.wait_until_serving();

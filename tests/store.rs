@@ -2,58 +2,18 @@
 //! tamper and wrong-key handling, key loading. The behaviour every store shares is in
 //! `store_contract.rs`.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use finx_gateway::store::crypto::{EncryptionKey, KeyError, KeySource};
 use finx_gateway::store::sqlite::{OpenError, SqliteStore};
-use finx_gateway::store::{
-    AccessToken, ConnectionKey, NewConnection, StoreError, TokenGrant, TokenStore,
-};
-use secrecy::{ExposeSecret, SecretString};
+use finx_gateway::store::{ConnectionKey, StoreError, TokenStore};
+use secrecy::ExposeSecret;
+use support::fixtures::{grant, new_connection, same_key, user, NOW};
 use tempfile::TempDir;
-
-const NOW: i64 = 1_700_000_000;
-
-fn user(id: &str) -> ConnectionKey {
-    ConnectionKey::user(id).unwrap()
-}
-
-fn secret(s: &str) -> SecretString {
-    SecretString::from(s)
-}
-
-fn new_connection(refresh: &str, access: Option<(&str, i64)>) -> NewConnection {
-    NewConnection {
-        refresh_token: secret(refresh),
-        access: access.map(|(token, expires_at)| AccessToken {
-            token: secret(token),
-            expires_at,
-        }),
-        scope: Some("accounts transactions".to_owned()),
-    }
-}
-
-fn grant(access: &str, expires_at: i64, refresh: Option<&str>) -> TokenGrant {
-    TokenGrant {
-        access: AccessToken {
-            token: secret(access),
-            expires_at,
-        },
-        refresh_token: refresh.map(secret),
-        scope: None,
-    }
-}
-
-/// A second handle on the same key, as a restart reading the same key file would have.
-fn same_key(key: &EncryptionKey) -> EncryptionKey {
-    EncryptionKey::from_base64(
-        key.to_base64().expose_secret(),
-        KeySource::Env("TEST".into()),
-    )
-    .unwrap()
-}
 
 struct Fixture {
     dir: TempDir,

@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use finx_gateway::store::crypto::{EncryptionKey, KeySource};
+use finx_gateway::store::crypto::EncryptionKey;
 use finx_gateway::store::postgres::{OpenWait, PgSettings, PgTls, PostgresStore};
 use finx_gateway::store::sqlite::SqliteStore;
 use finx_gateway::store::{
@@ -15,51 +15,11 @@ use finx_gateway::store::{
     StoreError, TokenGrant, TokenStore,
 };
 use secrecy::{ExposeSecret, SecretString};
+use support::fixtures::{grant, new_connection, same_key, secret, user, NOW};
 use support::pg::TestDatabase;
-
-const NOW: i64 = 1_700_000_000;
 
 /// The PostgreSQL schema migrations this build carries.
 const MIGRATIONS: &str = "2";
-
-fn user(id: &str) -> ConnectionKey {
-    ConnectionKey::user(id).unwrap()
-}
-
-fn secret(s: &str) -> SecretString {
-    SecretString::from(s)
-}
-
-fn new_connection(refresh: &str, access: Option<(&str, i64)>) -> NewConnection {
-    NewConnection {
-        refresh_token: secret(refresh),
-        access: access.map(|(token, expires_at)| AccessToken {
-            token: secret(token),
-            expires_at,
-        }),
-        scope: Some("accounts transactions".to_owned()),
-    }
-}
-
-fn grant(access: &str, expires_at: i64, refresh: Option<&str>) -> TokenGrant {
-    TokenGrant {
-        access: AccessToken {
-            token: secret(access),
-            expires_at,
-        },
-        refresh_token: refresh.map(secret),
-        scope: None,
-    }
-}
-
-/// A second handle on the same key, as a restart reading the same key file would have.
-fn same_key(key: &EncryptionKey) -> EncryptionKey {
-    EncryptionKey::from_base64(
-        key.to_base64().expose_secret(),
-        KeySource::Env("TEST".into()),
-    )
-    .unwrap()
-}
 
 /// Where a fixture's data lives.
 enum Place {

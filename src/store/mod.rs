@@ -199,6 +199,82 @@ pub struct RefreshIntent {
     pub owner: String,
 }
 
+impl Connection {
+    /// The row a new consent (or an import) creates or replaces: active, never refreshed yet.
+    pub(crate) fn consented(
+        key: &ConnectionKey,
+        new: &NewConnection,
+        version: i64,
+        now: UnixSeconds,
+    ) -> Self {
+        Self {
+            key: key.clone(),
+            status: ConnectionStatus::Active,
+            refresh_token: new.refresh_token.clone(),
+            access: new.access.clone(),
+            scope: new.scope.clone(),
+            version,
+            created_at: now,
+            refreshed_at: None,
+            synced_at: None,
+            updated_at: now,
+            last_used_at: None,
+        }
+    }
+}
+
+/// The version of the row a refresh lease read, which its writes compare-and-swap against.
+pub(crate) fn lease_version(
+    current: Option<&Connection>,
+    key: &ConnectionKey,
+) -> Result<i64, StoreError> {
+    current
+        .map(|connection| connection.version)
+        .ok_or_else(|| StoreError::NotFound(key.clone()))
+}
+
+/// A connection's tokens sealed for its row (a consent, an import, a copy).
+pub(crate) struct SealedTokens {
+    pub refresh: Vec<u8>,
+    pub access: Option<Vec<u8>>,
+}
+
+/// Seals a refresh token and an optional access token for `key`'s row.
+pub(crate) fn seal_tokens(
+    enc: &crypto::EncryptionKey,
+    key: &ConnectionKey,
+    refresh: &SecretString,
+    access: Option<&AccessToken>,
+) -> Result<SealedTokens, StoreError> {
+    let seal = |column, token| {
+        enc.seal_token(key, column, token)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    };
+    Ok(SealedTokens {
+        refresh: seal(crypto::TokenColumn::RefreshToken, refresh)?,
+        access: access
+            .map(|access| seal(crypto::TokenColumn::AccessToken, &access.token))
+            .transpose()?,
+    })
+}
+
+/// Opens a stored token; one that does not decrypt fails only its own connection.
+pub(crate) fn open_stored_token(
+    enc: &crypto::EncryptionKey,
+    key: &ConnectionKey,
+    column: crypto::TokenColumn,
+    sealed: &[u8],
+) -> Result<SecretString, StoreError> {
+    enc.open_token(key, column, sealed).map_err(|_| {
+        tracing::warn!(
+            connection = %key,
+            column = column.as_str(),
+            "stored token failed to decrypt (tampered, copied from another row, or another key)"
+        );
+        StoreError::Corrupt(key.clone())
+    })
+}
+
 /// What [`TokenStore::copy_in`] did with one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyOutcome {

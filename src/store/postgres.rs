@@ -58,6 +58,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{Connection as _, PgConnection, Postgres, Row, Transaction};
 
 use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
+use super::{lease_version, open_stored_token, seal_tokens};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
     NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
@@ -472,16 +473,7 @@ fn decrypt_row(
 ) -> Result<Connection, StoreError> {
     let get_error = |e: sqlx::Error| db_error(Some(key), e);
     let corrupt = || StoreError::Corrupt(key.clone());
-    let open = |column: TokenColumn, sealed: &[u8]| {
-        enc.open_token(key, column, sealed).map_err(|_| {
-            tracing::warn!(
-                connection = %key,
-                column = column.as_str(),
-                "stored token failed to decrypt (tampered, copied from another row, or another key)"
-            );
-            corrupt()
-        })
-    };
+    let open = |column: TokenColumn, sealed: &[u8]| open_stored_token(enc, key, column, sealed);
     let status: String = row.try_get("status").map_err(get_error)?;
     let status = ConnectionStatus::parse(&status).ok_or_else(corrupt)?;
     let sealed_refresh: Vec<u8> = row.try_get("refresh_token").map_err(get_error)?;
@@ -654,12 +646,13 @@ impl TokenStore for PostgresStore {
         new: &NewConnection,
         now: UnixSeconds,
     ) -> Result<Connection, StoreError> {
-        let sealed_refresh = self.seal(key, TokenColumn::RefreshToken, &new.refresh_token)?;
-        let sealed_access = new
-            .access
-            .as_ref()
-            .map(|access| self.seal(key, TokenColumn::AccessToken, &access.token))
-            .transpose()?;
+        let sealed = seal_tokens(
+            &self.shared.key,
+            key,
+            &new.refresh_token,
+            new.access.as_ref(),
+        )?;
+        let (sealed_refresh, sealed_access) = (sealed.refresh, sealed.access);
         let expires_at = new.access.as_ref().map(|access| access.expires_at);
         let scope = new.scope.clone();
         let stored_key = key.clone();
@@ -694,19 +687,7 @@ impl TokenStore for PostgresStore {
                 Ok(version)
             })
             .await?;
-        Ok(Connection {
-            key: key.clone(),
-            status: ConnectionStatus::Active,
-            refresh_token: new.refresh_token.clone(),
-            access: new.access.clone(),
-            scope: new.scope.clone(),
-            version,
-            created_at: now,
-            refreshed_at: None,
-            synced_at: None,
-            updated_at: now,
-            last_used_at: None,
-        })
+        Ok(Connection::consented(key, new, version, now))
     }
 
     async fn commit_refresh(
@@ -1039,13 +1020,13 @@ impl TokenStore for PostgresStore {
 
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
         let key = connection.key.clone();
-        let sealed_refresh =
-            self.seal(&key, TokenColumn::RefreshToken, &connection.refresh_token)?;
-        let sealed_access = connection
-            .access
-            .as_ref()
-            .map(|access| self.seal(&key, TokenColumn::AccessToken, &access.token))
-            .transpose()?;
+        let sealed = seal_tokens(
+            &self.shared.key,
+            &key,
+            &connection.refresh_token,
+            connection.access.as_ref(),
+        )?;
+        let (sealed_refresh, sealed_access) = (sealed.refresh, sealed.access);
         let c = connection.clone();
         self.run(|shared| async move {
             let mut tx = shared.pool.begin().await.map_err(|e| db_error(None, e))?;
@@ -1180,11 +1161,7 @@ impl RefreshLease for PgLease {
     /// Written on the intent pool and committed at once, outside the lease's transaction (which
     /// holds the row lock until the refresh commits or rolls back).
     async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
-        let version = self
-            .current
-            .as_ref()
-            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
-            .version;
+        let version = lease_version(self.current.as_ref(), &self.key)?;
         let (key, owner_id) = (self.key.clone(), owner.to_owned());
         self.store
             .run(|shared| async move {
@@ -1241,11 +1218,7 @@ impl RefreshLease for PgLease {
         now: UnixSeconds,
     ) -> Result<Connection, StoreError> {
         let key = self.key.clone();
-        let version = self
-            .current
-            .as_ref()
-            .ok_or_else(|| StoreError::NotFound(key.clone()))?
-            .version;
+        let version = lease_version(self.current.as_ref(), &key)?;
         let sealed = self.store.seal_grant(&key, grant)?;
         self.finish(|shared, mut tx| async move {
             let committed = commit_in(&mut tx, &shared, &key, version, sealed, now).await?;

@@ -27,6 +27,7 @@ use rusqlite::{
 use secrecy::SecretString;
 
 use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
+use super::{lease_version, open_stored_token, seal_tokens};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
     NewConnection, RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
@@ -401,32 +402,16 @@ fn parse_status(key: &ConnectionKey, status: &str) -> Result<ConnectionStatus, S
     })
 }
 
-fn open_token(
-    enc: &EncryptionKey,
-    key: &ConnectionKey,
-    column: TokenColumn,
-    sealed: &[u8],
-) -> Result<SecretString, StoreError> {
-    enc.open_token(key, column, sealed).map_err(|_| {
-        tracing::warn!(
-            connection = %key,
-            column = column.as_str(),
-            "stored token failed to decrypt (tampered, copied from another row, or another key)"
-        );
-        StoreError::Corrupt(key.clone())
-    })
-}
-
 fn decrypt_row(
     enc: &EncryptionKey,
     key: &ConnectionKey,
     row: StoredRow,
 ) -> Result<Connection, StoreError> {
     let status = parse_status(key, &row.status)?;
-    let refresh_token = open_token(enc, key, TokenColumn::RefreshToken, &row.refresh_token)?;
+    let refresh_token = open_stored_token(enc, key, TokenColumn::RefreshToken, &row.refresh_token)?;
     let access = match (row.access_token, row.access_expires_at) {
         (Some(sealed), Some(expires_at)) => Some(AccessToken {
-            token: open_token(enc, key, TokenColumn::AccessToken, &sealed)?,
+            token: open_stored_token(enc, key, TokenColumn::AccessToken, &sealed)?,
             expires_at,
         }),
         (None, None) => None,
@@ -487,18 +472,14 @@ impl TokenStore for SqliteStore {
         new: &NewConnection,
         now: UnixSeconds,
     ) -> Result<Connection, StoreError> {
-        let sealed_refresh = self.seal(key, TokenColumn::RefreshToken, &new.refresh_token)?;
-        let sealed_access = new
-            .access
-            .as_ref()
-            .map(|access| {
-                Ok::<_, StoreError>((
-                    self.seal(key, TokenColumn::AccessToken, &access.token)?,
-                    access.expires_at,
-                ))
-            })
-            .transpose()?;
-        let (access_token, access_expires_at) = sealed_access.unzip();
+        let sealed = seal_tokens(
+            &self.shared.key,
+            key,
+            &new.refresh_token,
+            new.access.as_ref(),
+        )?;
+        let (sealed_refresh, access_token) = (sealed.refresh, sealed.access);
+        let access_expires_at = new.access.as_ref().map(|access| access.expires_at);
         let scope = new.scope.clone();
         let stored_key = key.clone();
         let version = self
@@ -550,19 +531,7 @@ impl TokenStore for SqliteStore {
                 Ok(version)
             })
             .await?;
-        Ok(Connection {
-            key: key.clone(),
-            status: ConnectionStatus::Active,
-            refresh_token: new.refresh_token.clone(),
-            access: new.access.clone(),
-            scope: new.scope.clone(),
-            version,
-            created_at: now,
-            refreshed_at: None,
-            synced_at: None,
-            updated_at: now,
-            last_used_at: None,
-        })
+        Ok(Connection::consented(key, new, version, now))
     }
 
     /// A grant without `scope` keeps the stored scope (OAuth: omitted means unchanged). The
@@ -596,7 +565,7 @@ impl TokenStore for SqliteStore {
             // returned, and a row whose old token is unreadable is refused before any write.
             let refresh_token = match new_refresh {
                 Some(token) => token,
-                None => open_token(
+                None => open_stored_token(
                     &shared.key,
                     &key,
                     TokenColumn::RefreshToken,
@@ -940,13 +909,13 @@ impl TokenStore for SqliteStore {
 
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError> {
         let key = connection.key.clone();
-        let sealed_refresh =
-            self.seal(&key, TokenColumn::RefreshToken, &connection.refresh_token)?;
-        let sealed_access = connection
-            .access
-            .as_ref()
-            .map(|access| self.seal(&key, TokenColumn::AccessToken, &access.token))
-            .transpose()?;
+        let sealed = seal_tokens(
+            &self.shared.key,
+            &key,
+            &connection.refresh_token,
+            connection.access.as_ref(),
+        )?;
+        let (sealed_refresh, sealed_access) = (sealed.refresh, sealed.access);
         let c = connection.clone();
         self.run(move |conn, shared| {
             let tx = immediate(conn)?;
@@ -1026,11 +995,7 @@ impl RefreshLease for SqliteLease {
     }
 
     async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
-        let version = self
-            .current
-            .as_ref()
-            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
-            .version;
+        let version = lease_version(self.current.as_ref(), &self.key)?;
         let (key, owner_id) = (self.key.clone(), owner.to_owned());
         self.store
             .run(move |conn, _| {
@@ -1075,11 +1040,7 @@ impl RefreshLease for SqliteLease {
         grant: &TokenGrant,
         now: UnixSeconds,
     ) -> Result<Connection, StoreError> {
-        let version = self
-            .current
-            .as_ref()
-            .ok_or_else(|| StoreError::NotFound(self.key.clone()))?
-            .version;
+        let version = lease_version(self.current.as_ref(), &self.key)?;
         self.store
             .commit_refresh(&self.key, version, grant, now)
             .await

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod fixtures;
 pub mod pg;
 pub mod process;
 
@@ -505,6 +506,22 @@ pub fn add_service_like_demo<'f>(
             ..template
         });
     file.callers.services.last_mut().expect("just pushed")
+}
+
+/// Polls `check` until it holds; fails the test when `within` passes first.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A gateway error body's code.

@@ -32,10 +32,15 @@ impl ProcessSetup {
         Self { dir, sim_url }
     }
 
-    /// A config named `name` listening on `listen`; `store` is the body of `[store]` besides
-    /// the encryption key, `extra` more TOML (sections of its own).
+    /// A config named `name` listening on `listen`; `store` is the body of `[store]` (the
+    /// setup's encryption key unless it names one), `extra` more TOML (sections of its own).
     pub fn config(&self, name: &str, listen: SocketAddr, store: &str, extra: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
+        let key = if store.contains("encryption_key") {
+            ""
+        } else {
+            "encryption_key = { file = \"store.key\" }"
+        };
         std::fs::write(
             &path,
             format!(
@@ -50,7 +55,7 @@ token_timeout = "5s"
 id = "demo-client"
 secret = {{ file = "client-secret" }}
 [store]
-encryption_key = {{ file = "store.key" }}
+{key}
 {store}
 [telemetry]
 level = "info"
@@ -101,6 +106,21 @@ routes = ["GET /rest/**"]
     pub fn store(&self, config: &Path) -> Arc<dyn TokenStore> {
         let config = finx_gateway::config::Config::load(config).unwrap();
         finx_gateway::open_store(&config, finx_gateway::OpenWait::Once).unwrap()
+    }
+}
+
+/// Consents each of `users` at the simulator and stores only the refresh token in the store of
+/// `config` (as an operator's import would): each user's first request refreshes.
+pub async fn import_users(
+    setup: &ProcessSetup,
+    config: &Path,
+    control: &finx_gateway::sim::SimControl,
+    users: &[String],
+) {
+    let store = setup.store(config);
+    for user in users {
+        let grant = control.create_grant(user).await.unwrap();
+        import(&store, user, grant.refresh_token).await;
     }
 }
 
@@ -254,6 +274,31 @@ impl ProcessStore {
                      journal = \"{name}.journal\"\npool_size = 10\ntls = \"disable\""
                 )
             }
+        }
+    }
+}
+
+/// What every process test starts with: a simulator (in this process), keys and configs, the
+/// store the processes share, and the port they listen on (one after the other).
+pub struct Rig {
+    pub sim: finx_gateway::sim::SimHandle,
+    pub control: finx_gateway::sim::SimControl,
+    pub setup: ProcessSetup,
+    pub store: ProcessStore,
+    pub addr: SocketAddr,
+}
+
+impl Rig {
+    pub fn new(kind: super::StoreKind, sim: finx_gateway::sim::SimConfig) -> Self {
+        let sim = finx_gateway::sim::spawn(sim).unwrap();
+        let control = sim.control();
+        let setup = ProcessSetup::new(sim.base_url());
+        Self {
+            sim,
+            control,
+            setup,
+            store: ProcessStore::new(kind),
+            addr: free_port(),
         }
     }
 }
