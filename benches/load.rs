@@ -114,7 +114,7 @@ impl Plan {
     }
 }
 
-/// Added latency of the simulator's token endpoint during the storm.
+/// Added latency of the simulator's token endpoint during the storms of (d) and (e).
 const STORM_TOKEN_LATENCY_MS: u64 = 50;
 /// Connections (and parallel seeding calls) used to warm caches and seed users.
 const WARM_CONNECTIONS: usize = 64;

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use std::time::Duration;
-
 use clap::{Parser, Subcommand};
 use pingora::server::RunArgs;
 use secrecy::{ExposeSecret, SecretString};
@@ -239,9 +237,7 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
         shutdown_signal: Box::new(signals),
     });
     // The listeners are closed and requests drained; a refresh started is a refresh stored.
-    let finished = built
-        .tokens
-        .shutdown(config.upstream.token_timeout + Duration::from_secs(5));
+    let finished = built.tokens.shutdown(crate::shutdown_deadline(&config));
     tracing::info!(refreshes_finished = finished, "finx-gateway stopped");
     Ok(())
 }

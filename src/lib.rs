@@ -195,6 +195,25 @@ pub fn build_token_manager(
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<TokenManager, StartError> {
+    token_manager_with_gate(config, store, clock, None)
+}
+
+/// The longest a stop waits for refreshes in flight: one refresh's worst case (a wait for
+/// another replica's lock, the retries, the token call, the commit) with a margin.
+pub fn shutdown_deadline(config: &Config) -> Duration {
+    let lock_wait = match &config.store.backend {
+        StoreBackend::Postgres(settings) => settings.lock_timeout,
+        StoreBackend::Sqlite { .. } => Duration::ZERO,
+    };
+    lock_wait + config.upstream.token_timeout + Duration::from_secs(15)
+}
+
+fn token_manager_with_gate(
+    config: &Config,
+    store: Arc<dyn TokenStore>,
+    clock: Arc<dyn Clock>,
+    refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<TokenManager, StartError> {
     let key = config
         .store
         .encryption_key
@@ -208,6 +227,7 @@ pub fn build_token_manager(
         clock,
         token_settings(config),
         Some(journal),
+        refresh_gate,
     )
     .map_err(|e| StartError::Setup(e.to_string()))
 }
@@ -230,11 +250,9 @@ pub fn build_server(
     clock: Arc<dyn Clock>,
     refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<BuiltGateway, StartError> {
-    let tokens = build_token_manager(config, store.clone(), clock.clone())?;
-    if let Some(gate) = refresh_gate {
-        tokens.gate_refreshes(gate);
-    }
+    let tokens = token_manager_with_gate(config, store.clone(), clock.clone(), refresh_gate)?;
     tokens.recover();
+    tokens.start_resolver();
     let keeper = config.keeper.clone().map(|settings| {
         let keeper = Arc::new(tokens.keeper(settings));
         keeper.start();
@@ -494,6 +512,7 @@ pub struct RunningGateway {
     server: Option<ServerThread>,
     tokens: TokenManager,
     keeper: Option<Arc<Keeper>>,
+    shutdown_deadline: Duration,
     _serving: ServingLock,
 }
 
@@ -511,6 +530,7 @@ impl RunningGateway {
         }
         let built = build_server(&config, store, clock, None)?;
         Ok(Self {
+            shutdown_deadline: shutdown_deadline(&config),
             server: Some(ServerThread::spawn(
                 built.server,
                 config.listen,
@@ -554,7 +574,7 @@ impl Drop for RunningGateway {
     /// The server stops first (no new requests), then refreshes in flight finish.
     fn drop(&mut self) {
         drop(self.server.take());
-        self.tokens.shutdown(Duration::from_secs(10));
+        self.tokens.shutdown(self.shutdown_deadline);
     }
 }
 

@@ -12,12 +12,17 @@
 //!   request for every user, all at once (user-major, so the replicas race for the same users),
 //!   with the simulator's token endpoint slowed down as in (d). Checked: the simulator counts
 //!   exactly one refresh per user, no refresh-token reuse, no revoked family, and every request
-//!   answered 200.
+//!   answered 200. A replica waiting for another one's row lock holds one of its pool
+//!   connections meanwhile, so with every replica asking for the same users in the same order
+//!   the storm proceeds at about one pool's worth of refreshes per token round trip; a request
+//!   that waits longer than `store.connect_timeout` (15 s here, 5 s by default) for a pool
+//!   connection is answered 503, which fails the check.
 //!
 //! The scenario creates a database of its own (`finx_bench_<random>`) on the server named by
 //! `FINX_TEST_DATABASE_URL` (default [`DEFAULT_ADMIN_URL`]) and drops it at the end. A server
 //! that cannot be reached fails the run; it is never skipped.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,9 +48,11 @@ use crate::{BenchResult, Plan};
 
 /// Gateway replicas sharing the store.
 pub const REPLICAS: usize = 3;
-/// PostgreSQL connections each replica opens at most: three replicas stay far below the
-/// server's `max_connections` (100 here), with room for the admin connection and other users.
-pub const POOL_SIZE: u32 = 8;
+/// PostgreSQL connections each replica's pool opens at most; a refresh holds one for finX's
+/// answer time, so this is also the refreshes one replica runs at once (sized for the storm, as
+/// the README advises). Three replicas, plus three connections each for intents and liveness,
+/// stay below the server's `max_connections` (100 here).
+pub const POOL_SIZE: u32 = 16;
 /// The server the bench database is created on when `FINX_TEST_DATABASE_URL` is unset.
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -171,6 +178,8 @@ pub fn replica_configs(
             file.store.path = None;
             file.store.url = Some(SecretRef::File(url_path.clone()));
             file.store.pool_size = Some(POOL_SIZE);
+            // A storm queues for pool connections; let a request wait that long for one.
+            file.store.connect_timeout = Some(std::time::Duration::from_secs(15));
             file.store.tls = Some("disable".into());
             file.store.journal = Some(files.file(&format!("replica-{replica}.journal")));
             Config::from_file(&file, Path::new(".")).map_err(|e| format!("replica config: {e}"))
@@ -251,11 +260,15 @@ pub struct ReplicaStorm {
     pub invalid_grant_responses: u64,
     pub answered_200: u64,
     pub other_status: u64,
+    /// How often each status other than 200 was answered.
+    pub other_statuses: BTreeMap<u16, u64>,
     pub socket_errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
     pub wall_ms: f64,
+    /// `refresh_count` ÷ wall time: refreshes the replicas completed per second together.
+    pub refreshes_per_sec: f64,
     pub per_replica_p99_ms: Vec<f64>,
 }
 
@@ -273,7 +286,9 @@ pub fn run(
     cells: &mut Vec<Cell>,
 ) -> BenchResult<ReplicaResult> {
     // Replicas run on the server core with everything else under test (their store runtimes
-    // included); the orchestration stays on the load core.
+    // included); the orchestration stays on the load core. Each config listens on
+    // 127.0.0.1:0, so `RunningGateway::start` reserves a port of its own for each replica
+    // (`reserve_port`), and each replica opens the store itself: a pool of its own.
     let replicas: Vec<Replica> = configs
         .iter()
         .map(|config| {
@@ -332,8 +347,8 @@ pub fn run(
         (
             storm.answered_200 != requests,
             format!(
-                "storm: {} of {requests} requests answered 200 ({} other status, {} socket errors)",
-                storm.answered_200, storm.other_status, storm.socket_errors
+                "storm: {} of {requests} requests answered 200 (other statuses {:?}, {} socket errors)",
+                storm.answered_200, storm.other_statuses, storm.socket_errors
             ),
         ),
     ] {
@@ -612,6 +627,7 @@ fn refresh_storm(bench: &Bench<'_>, replicas: &[Replica]) -> BenchResult<Replica
         let mut micros = Vec::with_capacity(requests);
         let mut per_replica: Vec<Vec<u32>> = vec![Vec::new(); REPLICAS];
         let (mut answered_200, mut other_status, mut socket_errors) = (0u64, 0u64, 0u64);
+        let mut other_statuses = BTreeMap::new();
         for (first, task) in tasks.into_iter().enumerate() {
             for outcome in task.await.map_err(|e| e.to_string())? {
                 match outcome {
@@ -620,6 +636,7 @@ fn refresh_storm(bench: &Bench<'_>, replicas: &[Replica]) -> BenchResult<Replica
                             answered_200 += 1;
                         } else {
                             other_status += 1;
+                            *other_statuses.entry(status).or_insert(0) += 1;
                         }
                         let us = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
                         micros.push(us);
@@ -652,12 +669,13 @@ fn refresh_storm(bench: &Bench<'_>, replicas: &[Replica]) -> BenchResult<Replica
         for latencies in &mut per_replica {
             latencies.sort_unstable();
         }
+        let refresh_count = after.refresh_grants - before.refresh_grants;
         Ok::<_, String>(ReplicaStorm {
             users,
             requests,
             in_flight,
             token_latency_ms: crate::STORM_TOKEN_LATENCY_MS,
-            refresh_count: after.refresh_grants - before.refresh_grants,
+            refresh_count,
             users_refreshed_once: refreshed_once.iter().filter(|once| **once).count(),
             refresh_reuse_detected: after.refresh_reuse_detected - before.refresh_reuse_detected,
             families_revoked: after.families_revoked - before.families_revoked,
@@ -665,11 +683,13 @@ fn refresh_storm(bench: &Bench<'_>, replicas: &[Replica]) -> BenchResult<Replica
             invalid_grant_responses: after.invalid_grant_responses - before.invalid_grant_responses,
             answered_200,
             other_status,
+            other_statuses,
             socket_errors,
             p50_ms: percentile_ms(&micros, 50.0),
             p99_ms: percentile_ms(&micros, 99.0),
             max_ms: percentile_ms(&micros, 100.0),
             wall_ms: wall.as_secs_f64() * 1e3,
+            refreshes_per_sec: refresh_count as f64 / wall.as_secs_f64(),
             per_replica_p99_ms: per_replica
                 .iter()
                 .map(|latencies| percentile_ms(latencies, 99.0))
@@ -732,7 +752,7 @@ pub fn markdown(result: &ReplicaResult) -> String {
          | requests answered 200 (must be {}) / other status / socket errors | {} / {} / {} |\n\
          | storm requests: p50 / p99 / max ms | {:.1} / {:.1} / {:.1} |\n\
          | storm requests p99 per replica ms | {} |\n\
-         | storm wall time ms | {:.0} |\n",
+         | storm wall time ms / refreshes per second | {:.0} / {:.0} |\n",
         storm.users,
         storm.requests,
         storm.in_flight,
@@ -747,13 +767,27 @@ pub fn markdown(result: &ReplicaResult) -> String {
         storm.invalid_grant_responses,
         storm.requests,
         storm.answered_200,
-        storm.other_status,
+        if storm.other_statuses.is_empty() {
+            "0".to_owned()
+        } else {
+            format!(
+                "{} ({})",
+                storm.other_status,
+                storm
+                    .other_statuses
+                    .iter()
+                    .map(|(status, count)| format!("{status}: {count}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
         storm.socket_errors,
         storm.p50_ms,
         storm.p99_ms,
         storm.max_ms,
         joined(&storm.per_replica_p99_ms, 1),
         storm.wall_ms,
+        storm.refreshes_per_sec,
     ));
     if result.checks_failed.is_empty() {
         out.push_str("\nAll checks of (e) passed.\n");

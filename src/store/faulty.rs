@@ -277,9 +277,15 @@ impl RefreshLease for FaultyLease {
         self.inner.intent()
     }
 
-    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
+    async fn record_intent(
+        &mut self,
+        owner: &str,
+        takeover: Option<&str>,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
         let strike = self.knobs.write().await;
-        struck(strike, "intent", self.inner.record_intent(owner, now)).await
+        let record = self.inner.record_intent(owner, takeover, now);
+        struck(strike, "intent", record).await
     }
 
     async fn abandon(self: Box<Self>) -> Result<(), StoreError> {

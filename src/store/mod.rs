@@ -321,8 +321,16 @@ pub trait RefreshLease: Send {
     fn intent(&self) -> Option<&RefreshIntent>;
 
     /// Durably records that `owner` is about to send the current refresh token to finX. Called
-    /// before the token call; the commit (or a status change, or a delete) clears it.
-    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError>;
+    /// before the token call; the commit (or a status change, or a delete) clears it. A
+    /// compare-and-swap: it fails with [`StoreError::Busy`] when another process's intent for
+    /// this version is there (unless it is `takeover`'s, a crashed owner being taken over), so
+    /// two processes can never both be about to send the same token.
+    async fn record_intent(
+        &mut self,
+        owner: &str,
+        takeover: Option<&str>,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
 
     /// The refresh did not reach finX, or finX certainly did not act on it: clears the intent
     /// this lease recorded (if any) and releases the lock.

@@ -213,6 +213,9 @@ pub struct PostgresStore {
     worker: Arc<Worker>,
     /// For connections outside the pools (the owner's liveness lock).
     options: PgConnectOptions,
+    connect_timeout: Duration,
+    /// Whether this process's liveness lock is held (see `register_owner`).
+    liveness: Arc<tokio::sync::OnceCell<tokio::sync::watch::Receiver<bool>>>,
 }
 
 struct Shared {
@@ -325,6 +328,8 @@ impl PostgresStore {
             shared: Arc::new(shared),
             worker: Arc::new(worker),
             options: own_options,
+            connect_timeout,
+            liveness: Arc::default(),
         })
     }
 
@@ -886,46 +891,58 @@ impl TokenStore for PostgresStore {
     }
 
     /// Holds `pg_advisory_lock(<owner>)` on a connection of its own for as long as the store's
-    /// runtime runs, re-taking it after the connection is lost. A crashed process's lock
-    /// vanishes with its session.
+    /// runtime runs, taking it again after the connection is lost; a crashed process's lock
+    /// vanishes with its session. The holder starts once per store; every call waits (at most
+    /// the connect timeout) until the lock is held.
     async fn register_owner(&self, owner: &str) -> Result<(), StoreError> {
-        let owner = owner.to_owned();
-        let options = self.options.clone();
-        let (taken, first) = tokio::sync::oneshot::channel();
-        self.worker.handle.spawn(async move {
-            let mut taken = Some(taken);
-            loop {
-                let held = async {
-                    let mut conn = PgConnection::connect_with(&options).await?;
-                    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-                        .bind(owner_lock_name(&owner))
-                        .execute(&mut conn)
-                        .await?;
-                    Ok::<_, sqlx::Error>(conn)
-                }
-                .await;
-                match held {
-                    Ok(mut conn) => {
-                        if let Some(taken) = taken.take() {
-                            let _ = taken.send(Ok(()));
+        let mut held = self
+            .liveness
+            .get_or_init(|| async {
+                let (announce, held) = tokio::sync::watch::channel(false);
+                let (owner, options) = (owner.to_owned(), self.options.clone());
+                let connect_timeout = self.connect_timeout;
+                self.worker.handle.spawn(async move {
+                    loop {
+                        let locked = async {
+                            let mut conn = tokio::time::timeout(
+                                connect_timeout,
+                                PgConnection::connect_with(&options),
+                            )
+                            .await
+                            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                            sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                                .bind(owner_lock_name(&owner))
+                                .execute(&mut conn)
+                                .await?;
+                            Ok::<_, sqlx::Error>(conn)
                         }
-                        // Keep the session (and its lock); notice when it is gone.
-                        while conn.ping().await.is_ok() {
-                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        .await;
+                        if let Ok(mut conn) = locked {
+                            let _ = announce.send(true);
+                            // Keep the session (and its lock); notice when it is gone.
+                            while conn.ping().await.is_ok() {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            let _ = announce.send(false);
                         }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    Err(error) => {
-                        if let Some(taken) = taken.take() {
-                            let _ = taken.send(Err(db_error(None, error)));
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        first
+                });
+                held
+            })
             .await
-            .map_err(|_| StoreError::Unavailable("the store's runtime stopped".to_owned()))?
+            .clone();
+        let announced = tokio::time::timeout(self.connect_timeout, async {
+            held.wait_for(|held| *held).await.is_ok()
+        })
+        .await;
+        if announced == Ok(true) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "cannot announce this process to PostgreSQL (liveness lock)".to_owned(),
+            ))
+        }
     }
 
     async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
@@ -1160,27 +1177,42 @@ impl RefreshLease for PgLease {
 
     /// Written on the intent pool and committed at once, outside the lease's transaction (which
     /// holds the row lock until the refresh commits or rolls back).
-    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
+    async fn record_intent(
+        &mut self,
+        owner: &str,
+        takeover: Option<&str>,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
         let version = lease_version(self.current.as_ref(), &self.key)?;
         let (key, owner_id) = (self.key.clone(), owner.to_owned());
-        self.store
+        let takeover = takeover.map(str::to_owned);
+        let written = self
+            .store
             .run(|shared| async move {
                 sqlx::query(
                     "INSERT INTO refresh_intents (key, version, started_at, owner) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE SET \
                      version = excluded.version, started_at = excluded.started_at, \
-                     owner = excluded.owner",
+                     owner = excluded.owner WHERE refresh_intents.owner = excluded.owner \
+                     OR refresh_intents.version < excluded.version \
+                     OR refresh_intents.owner = $5",
                 )
                 .bind(key.as_str())
                 .bind(version)
                 .bind(now)
                 .bind(owner_id)
+                .bind(takeover)
                 .execute(&shared.intents)
                 .await
                 .map_err(|e| db_error(Some(&key), e))
-                .map(drop)
+                .map(|done| done.rows_affected())
             })
             .await?;
+        if written == 0 {
+            // Another process is about to send this very token (its lock went with its
+            // session after this lease read the row): never both.
+            return Err(StoreError::Busy(self.key.clone()));
+        }
         self.intent = Some(RefreshIntent {
             version,
             started_at: now,

@@ -994,22 +994,33 @@ impl RefreshLease for SqliteLease {
         self.intent.as_ref()
     }
 
-    async fn record_intent(&mut self, owner: &str, now: UnixSeconds) -> Result<(), StoreError> {
+    async fn record_intent(
+        &mut self,
+        owner: &str,
+        takeover: Option<&str>,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
         let version = lease_version(self.current.as_ref(), &self.key)?;
         let (key, owner_id) = (self.key.clone(), owner.to_owned());
-        self.store
+        let takeover = takeover.map(str::to_owned);
+        let written = self
+            .store
             .run(move |conn, _| {
                 conn.execute(
                     "INSERT INTO refresh_intents (key, version, started_at, owner) \
                      VALUES (?1, ?2, ?3, ?4) ON CONFLICT (key) DO UPDATE SET \
                      version = excluded.version, started_at = excluded.started_at, \
-                     owner = excluded.owner",
-                    params![key.as_str(), version, now, owner_id],
+                     owner = excluded.owner WHERE refresh_intents.owner = excluded.owner \
+                     OR refresh_intents.version < excluded.version \
+                     OR refresh_intents.owner = ?5",
+                    params![key.as_str(), version, now, owner_id, takeover],
                 )
                 .map_err(unavailable)
-                .map(drop)
             })
             .await?;
+        if written == 0 {
+            return Err(StoreError::Busy(self.key.clone()));
+        }
         self.intent = Some(RefreshIntent {
             version,
             started_at: now,

@@ -263,10 +263,17 @@ pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) ->
         return TokenFailure::Rejected("invalid_client");
     }
     match status {
-        429 | 500..=599 => TokenFailure::Unavailable {
-            reason: "finX answered 429 or 5xx",
+        // 429 and 503 say the request was not served; any other 5xx (a proxy's 502/504, a
+        // 500 after the fact) may come after the rotation took effect.
+        429 | 503 => TokenFailure::Unavailable {
+            reason: "finX answered 429 or 503",
             retry_after_secs,
             not_processed: true,
+        },
+        500..=599 => TokenFailure::Unavailable {
+            reason: "finX answered 5xx",
+            retry_after_secs,
+            not_processed: false,
         },
         _ if named("unsupported_grant_type") => TokenFailure::Rejected("unsupported_grant_type"),
         _ if named("unauthorized_client") => TokenFailure::Rejected("unauthorized_client"),
@@ -326,7 +333,7 @@ mod tests {
         assert_eq!(
             classify_error(503, b"", 7),
             TokenFailure::Unavailable {
-                reason: "finX answered 429 or 5xx",
+                reason: "finX answered 429 or 503",
                 retry_after_secs: 7,
                 not_processed: true,
             }
@@ -335,10 +342,21 @@ mod tests {
             classify_error(429, b"not json", 2),
             TokenFailure::Unavailable { .. }
         ));
-        // A 5xx that happens to mention invalid_grant is still a server failure.
+        // A 5xx that happens to mention invalid_grant is still a server failure; other than a
+        // 503 it may have come after the rotation, so it is not retried at once.
         assert!(matches!(
             classify_error(500, br#"{"error":"invalid_grant"}"#, 1),
-            TokenFailure::Unavailable { .. }
+            TokenFailure::Unavailable {
+                not_processed: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify_error(502, b"", 1),
+            TokenFailure::Unavailable {
+                not_processed: false,
+                ..
+            }
         ));
     }
 }

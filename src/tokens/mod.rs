@@ -208,6 +208,13 @@ struct RefreshWindowExpiry {
     skew_secs: i64,
 }
 
+impl RefreshWindowExpiry {
+    fn until_skew(&self, value: &CachedToken) -> Option<Duration> {
+        let remaining = value.expires_at - self.skew_secs - self.clock.now();
+        Some(Duration::from_secs(remaining.max(0) as u64))
+    }
+}
+
 impl Expiry<ConnectionKey, CachedToken> for RefreshWindowExpiry {
     fn expire_after_create(
         &self,
@@ -215,8 +222,18 @@ impl Expiry<ConnectionKey, CachedToken> for RefreshWindowExpiry {
         value: &CachedToken,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        let remaining = value.expires_at - self.skew_secs - self.clock.now();
-        Some(Duration::from_secs(remaining.max(0) as u64))
+        self.until_skew(value)
+    }
+
+    /// A token replaced by a refresh ahead of expiry lives by its own expiry, not the old one's.
+    fn expire_after_update(
+        &self,
+        _key: &ConnectionKey,
+        value: &CachedToken,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.until_skew(value)
     }
 }
 
@@ -271,6 +288,9 @@ impl Drop for Worker {
     }
 }
 
+/// How often the resolver runs.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
 /// Why [`TokenManager::new`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -283,12 +303,17 @@ pub enum ManagerError {
 impl TokenManager {
     /// Builds a manager over `store`, refreshing through `endpoint`. Grants a previous run left
     /// in `journal` are taken over (and committed on first use or by [`TokenManager::recover`]).
+    ///
+    /// With `refresh_gate` (a graceful upgrade: the old process still runs), nothing is
+    /// refreshed until it turns `true`, and the journal, which the old process may still be
+    /// writing, is only read then, by [`TokenManager::recover`].
     pub fn new(
         store: Arc<dyn TokenStore>,
         endpoint: Arc<dyn TokenEndpoint>,
         clock: Arc<dyn Clock>,
         settings: TokenSettings,
         journal: Option<Journal>,
+        refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<Self, ManagerError> {
         let skew_secs = settings.refresh_skew.as_secs() as i64;
         let cache = Cache::builder()
@@ -305,11 +330,12 @@ impl TokenManager {
             .build()
             .map_err(ManagerError::Runtime)?;
         let memory = Memory::default();
-        if let Some(journal) = &journal {
-            for (key, pending) in journal.recover()? {
-                tracing::warn!(connection = %key, "a rotated refresh token from an earlier run is still uncommitted; it is committed before finX is asked again");
-                memory.update(&key, |entry| entry.uncommitted = Some(pending));
-            }
+        if let (Some(journal), None) = (&journal, &refresh_gate) {
+            adopt_journal(journal, &memory)?;
+        }
+        let gate = std::sync::OnceLock::new();
+        if let Some(refresh_gate) = refresh_gate {
+            let _ = gate.set(refresh_gate);
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -330,7 +356,7 @@ impl TokenManager {
                     tracker: TaskTracker::new(),
                     closing: CancellationToken::new(),
                 },
-                refresh_gate: std::sync::OnceLock::new(),
+                refresh_gate: gate,
                 owner_registered: tokio::sync::OnceCell::new(),
             }),
         })
@@ -449,13 +475,6 @@ impl TokenManager {
         Ok(stored)
     }
 
-    /// Holds every refresh until `gate` turns `true` (a graceful upgrade: the old process is
-    /// still refreshing). Requests that need a refresh meanwhile wait, at most the refresh hold
-    /// limit, then get 503.
-    pub fn gate_refreshes(&self, gate: tokio::sync::watch::Receiver<bool>) {
-        let _ = self.inner.refresh_gate.set(gate);
-    }
-
     /// Background tasks in flight (refreshes, refreshes ahead, touches, keeper passes).
     pub fn background_in_flight(&self) -> usize {
         self.inner.worker.tracker.len()
@@ -467,6 +486,31 @@ impl TokenManager {
         let inner = self.inner.clone();
         self.inner
             .spawn_tracked(async move { inner.recover().await });
+    }
+
+    /// Starts the resolver: every few seconds, grants the store refused are committed and this
+    /// process's unfinished refreshes resolved (see `refresh`), until shutdown.
+    pub fn start_resolver(&self) {
+        let inner = self.inner.clone();
+        self.inner.worker.handle.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+                    _ = inner.worker.tracker_closed() => return,
+                }
+                let pass = inner.clone();
+                let _ = inner
+                    .worker
+                    .handle
+                    .spawn(
+                        inner
+                            .worker
+                            .tracker
+                            .track_future(async move { pass.resolve_pending().await }),
+                    )
+                    .await;
+            }
+        });
     }
 
     /// Stops background work and waits (at most `deadline`) for refreshes in flight to commit;
@@ -623,6 +667,15 @@ impl Inner {
             tracing::warn!(%error, "could not mark a journaled grant done");
         }
     }
+}
+
+/// Takes over the grants an earlier run left uncommitted in `journal`.
+fn adopt_journal(journal: &Journal, memory: &Memory) -> Result<(), journal::JournalError> {
+    for (key, pending) in journal.recover()? {
+        tracing::warn!(connection = %key, "a rotated refresh token from an earlier run is still uncommitted; it is committed before finX is asked again");
+        memory.update(&key, |entry| entry.uncommitted = Some(pending));
+    }
+    Ok(())
 }
 
 /// `Bearer <token>` as a sensitive header value; `None` when finX sent bytes no header can carry.

@@ -115,8 +115,18 @@ impl Inner {
         }
     }
 
-    /// Commits journaled grants, then finishes refreshes a crash interrupted.
+    /// Commits journaled grants, then finishes refreshes a crash interrupted. After a graceful
+    /// upgrade, first waits for the old process to be gone, then reads the journal.
     pub(super) async fn recover(self: &Arc<Self>) {
+        if let (Some(gate), Some(journal)) = (self.refresh_gate.get(), &self.journal) {
+            let mut gate = gate.clone();
+            if gate.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            if let Err(error) = super::adopt_journal(journal, &self.memory) {
+                tracing::error!(%error, "the journal of the previous process could not be read");
+            }
+        }
         for (key, _) in self.memory.uncommitted() {
             let _held = self.locks.lock(&key).await;
             if let Err(error) = self.commit_uncommitted(&key).await {
@@ -153,6 +163,39 @@ impl Inner {
         }
     }
 
+    /// Finishes what this process left unfinished: grants the store refused are committed, and
+    /// its own refresh intents older than a refresh can take (a timeout whose outcome is
+    /// unknown) are resolved by refreshing once more. Other replicas wait for exactly this
+    /// (see `run`), so it runs every few seconds, not only when a request comes.
+    pub(super) async fn resolve_pending(self: &Arc<Self>) {
+        for (key, _) in self.memory.uncommitted() {
+            let _held = self.locks.lock(&key).await;
+            if let Err(error) = self.commit_uncommitted(&key).await {
+                tracing::debug!(connection = %key, %error, "a pending grant is still not stored");
+            }
+        }
+        if !self.settings.shared_store {
+            return;
+        }
+        let Ok(intents) = self.store.pending_intents().await else {
+            return;
+        };
+        let hold = self.settings.refresh_hold_limit.as_secs() as i64;
+        for (key, intent) in intents {
+            if intent.owner != self.owner || self.clock.now() - intent.started_at < hold {
+                continue;
+            }
+            let _held = self.locks.lock(&key).await;
+            match self.run(&key, Mode::Recover).await {
+                Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
+                Ok(Outcome::NotDue) => {}
+                Err(error) => {
+                    tracing::warn!(connection = %key, %error, "an unfinished refresh of this process could not be resolved yet")
+                }
+            }
+        }
+    }
+
     async fn run(self: &Arc<Self>, key: &ConnectionKey, mode: Mode) -> Result<Outcome, TokenError> {
         self.commit_uncommitted(key).await?;
         // A plain read first: a usable stored access token (another replica's refresh, or one
@@ -168,6 +211,7 @@ impl Inner {
         }
 
         self.wait_for_gate().await?;
+        self.register_owner().await?;
         // Serialise with every other refresher of this connection (other replicas included)
         // and judge the row again as it is under the lock.
         let lease = self
@@ -179,27 +223,26 @@ impl Inner {
             return Err(TokenError::NotFound);
         };
         let now = self.clock.now();
-        let interrupted = match lease.intent() {
+        let interrupted: Option<String> = match lease.intent() {
             Some(intent) if intent.version == connection.version && intent.owner != self.owner => {
-                let age = now - intent.started_at;
-                let recent = age < self.settings.refresh_hold_limit.as_secs() as i64;
                 // The lock is ours, so the intent's owner lost its database session: a crash
                 // (its liveness lock is gone too), or a session cut while its finX call may
-                // still be in flight, when spending the token again would be reuse.
+                // still be in flight or its answer not yet committed. A live owner finishes its
+                // own refresh (its resolver commits or retries it within seconds); spending the
+                // token here would be reuse.
                 if self.settings.shared_store
-                    && recent
                     && self.store.owner_alive(&intent.owner).await.unwrap_or(true)
                 {
-                    tracing::warn!(connection = %key, "another replica's refresh of this connection is still in flight");
+                    tracing::warn!(connection = %key, "another replica's refresh of this connection is unfinished; it finishes it");
                     return Err(TokenError::Store);
                 }
                 tracing::warn!(connection = %key, "finishing a refresh another process started and never finished (a crash); asking finX once");
-                true
+                Some(intent.owner.clone())
             }
-            _ => false,
+            _ => None,
         };
         let mut lease = Some(lease);
-        if !interrupted {
+        if interrupted.is_none() {
             if let Some(done) = self.settle(&connection, mode, &mut lease).await? {
                 return Ok(done);
             }
@@ -208,16 +251,19 @@ impl Inner {
             return Err(TokenError::Internal);
         };
 
-        self.register_owner().await?;
+        if self.worker.closing.is_cancelled() {
+            // Stopping: nothing new is spent (the lease is released, the row untouched).
+            return Err(TokenError::Store);
+        }
         lease
-            .record_intent(&self.owner, now)
+            .record_intent(&self.owner, interrupted.as_deref(), now)
             .await
             .map_err(|e| store_failure(key, "record refresh intent", e))?;
         crate::fail_point!("refresh-before-token-call");
         let grant = match self.ask_finx(&connection.refresh_token).await {
             Ok(grant) => grant,
             Err(failure) => {
-                if interrupted && failure == TokenFailure::InvalidGrant {
+                if interrupted.is_some() && failure == TokenFailure::InvalidGrant {
                     self.counters.rotations_lost.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(connection = %key, "an interrupted refresh had already rotated the refresh token at finX and its answer was lost; the user must consent again");
                 }
@@ -273,7 +319,7 @@ impl Inner {
             self.journal_done(seq).await;
         }
         crate::fail_point!("refresh-after-commit");
-        if interrupted {
+        if interrupted.is_some() {
             self.counters
                 .rotations_recovered
                 .fetch_add(1, Ordering::Relaxed);

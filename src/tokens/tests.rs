@@ -118,6 +118,7 @@ impl Fixture {
             Arc::new(clock.clone()),
             settings(),
             Some(Journal::new(journal_path.to_path_buf(), key)),
+            None,
         )
         .unwrap()
     }
@@ -223,7 +224,7 @@ async fn a_token_in_its_early_window_is_served_while_one_background_refresh_runs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_prove_finx_did_not_act_are_retried_within_the_request() {
     let busy = TokenFailure::Unavailable {
-        reason: "finX answered 429 or 5xx",
+        reason: "finX answered 429 or 503",
         retry_after_secs: 0,
         not_processed: true,
     };
@@ -313,7 +314,7 @@ async fn an_interrupted_refresh_is_finished_once_and_a_lost_rotation_reported() 
     for key in [&lost, &recovered] {
         let mut lease = fx.store.lock_for_refresh(key).await.unwrap();
         lease
-            .record_intent("crashed-process", fx.clock.now())
+            .record_intent("crashed-process", None, fx.clock.now())
             .await
             .unwrap();
     }

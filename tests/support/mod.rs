@@ -464,8 +464,13 @@ impl RefreshLease for FlakyLease {
     fn intent(&self) -> Option<&RefreshIntent> {
         self.inner.intent()
     }
-    async fn record_intent(&mut self, owner: &str, now: i64) -> Result<(), StoreError> {
-        self.inner.record_intent(owner, now).await
+    async fn record_intent(
+        &mut self,
+        owner: &str,
+        takeover: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.record_intent(owner, takeover, now).await
     }
     async fn abandon(self: Box<Self>) -> Result<(), StoreError> {
         self.inner.abandon().await
