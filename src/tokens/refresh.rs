@@ -214,11 +214,13 @@ impl Inner {
         self.register_owner().await?;
         // Serialise with every other refresher of this connection (other replicas included)
         // and judge the row again as it is under the lock.
-        let lease = self
-            .store
-            .lock_for_refresh(key)
-            .await
-            .map_err(|e| store_failure(key, "lock for refresh", e))?;
+        let lease = match self.store.lock_for_refresh(key).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                let error = store_failure(key, "lock for refresh", e);
+                return self.serve_despite(&connection, mode, error);
+            }
+        };
         let Some(connection) = lease.current().cloned() else {
             return Err(TokenError::NotFound);
         };
@@ -234,7 +236,7 @@ impl Inner {
                     && self.store.owner_alive(&intent.owner).await.unwrap_or(true)
                 {
                     tracing::warn!(connection = %key, "another replica's refresh of this connection is unfinished; it finishes it");
-                    return Err(TokenError::Store);
+                    return self.serve_despite(&connection, mode, TokenError::Store);
                 }
                 tracing::warn!(connection = %key, "finishing a refresh another process started and never finished (a crash); asking finX once");
                 Some(intent.owner.clone())
@@ -451,8 +453,9 @@ impl Inner {
         Ok(Verdict::Refresh)
     }
 
-    /// While finX cannot refresh, a request is still served with a stored access token that has
-    /// not expired (never an expired one); everything else gets `error`.
+    /// While finX (or the store, or another replica's unfinished refresh) keeps this one from
+    /// refreshing, a request is still served with a stored access token that has not expired
+    /// (never an expired one); everything else gets `error`.
     fn serve_despite(
         &self,
         connection: &Connection,
@@ -461,7 +464,7 @@ impl Inner {
     ) -> Result<Outcome, TokenError> {
         let retryable = matches!(
             error,
-            TokenError::Unavailable { .. } | TokenError::Timeout { .. }
+            TokenError::Unavailable { .. } | TokenError::Timeout { .. } | TokenError::Store
         );
         if mode != Mode::Request || !retryable {
             return Err(error);
