@@ -7,7 +7,7 @@ mod support;
 use finx_gateway::sim::SimConfig;
 use finx_gateway::store::ConnectionKey;
 use serde_json::{json, Value};
-use support::{add_service_like_demo, error_code, Harness, APP_RETURN};
+use support::{add_service_like_demo, error_code, Harness, StoreKind, APP_RETURN};
 use url::Url;
 
 /// A client that does not follow redirects, like a test of where they point.
@@ -558,9 +558,11 @@ async fn malformed_flow_requests_get_clear_errors() {
     assert!(answer["error"]["data"].get("name").is_some(), "{answer}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_time_connections_are_removed_after_their_retention() {
-    let harness = Harness::start();
+// One-time connections and their retention work the same on both stores.
+crate::on_both_stores!(one_time_connections_are_removed_after_their_retention);
+
+async fn one_time_connections_are_removed_after_their_retention(kind: StoreKind) {
+    let harness = Harness::with_store(kind, SimConfig::default().with_control(), |_| {});
     let flow_id = start(&harness, "onetime/access", &body_for("onetime/access", "")).await;
     follow(&widget(&harness, &flow_id, "success").await).await;
     let key = ConnectionKey::flow("demo-service", &flow_id).unwrap();
