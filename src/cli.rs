@@ -218,7 +218,6 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     let mut config = load(path)?;
     config.server.upgrade = upgrade;
     let _log_writer = crate::telemetry::init(&config.telemetry);
-    let signals = crate::GatewaySignals::install().map_err(|e| e.to_string())?;
     // An upgrading process waits for the old one's serving lock in the background (and does
     // not refresh until it has it); otherwise a held lock refuses the start.
     let (_serving, refresh_gate) = if upgrade {
@@ -230,6 +229,9 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     };
     tracing::info!(store = %config.store.describe(), "opening the token store");
     let store = crate::open_store(&config, OpenWait::UntilReachable).map_err(|e| e.to_string())?;
+    // Before any listener opens: from here on a stop is graceful. (While the store is still
+    // being waited for, a signal simply ends the process: nothing has started yet.)
+    let signals = crate::GatewaySignals::install().map_err(|e| e.to_string())?;
     let built = crate::build_server(&config, store, Arc::new(SystemClock), refresh_gate)
         .map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");

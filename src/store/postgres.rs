@@ -414,7 +414,10 @@ async fn prepare(
             outcome
         };
         match attempt.await {
-            Err(PgOpenError::Unreachable(reason)) if wait == OpenWait::UntilReachable => {
+            // Another replica may hold the migration lock for longer than `lock_timeout`.
+            Err(PgOpenError::Unreachable(reason) | PgOpenError::Migrate(reason))
+                if wait == OpenWait::UntilReachable =>
+            {
                 tracing::warn!(%reason, retry_in = ?pause, "token store: PostgreSQL is not reachable yet; waiting for it");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(10));
