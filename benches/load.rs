@@ -1000,22 +1000,16 @@ async fn burst(
     let tasks: Vec<_> = connections
         .into_iter()
         .enumerate()
-        .map(|(first, mut connection)| {
-            let (storm, fanout) = (plan.storm.clone(), plan.fanout);
-            let mut go = go_rx.clone();
-            tokio::spawn(async move {
-                let _ = go.wait_for(|go| *go).await;
-                let mut outcomes = Vec::new();
-                for request in (first..requests).step_by(in_flight) {
-                    let sent = connection.send(storm.request(request / fanout)).await;
-                    let failed = sent.is_err();
-                    outcomes.push(sent);
-                    if failed {
-                        break;
-                    }
-                }
-                outcomes
-            })
+        .map(|(first, connection)| {
+            generator::spawn_wave(
+                connection,
+                first,
+                requests,
+                in_flight,
+                plan.fanout,
+                plan.storm.clone(),
+                go_rx.clone(),
+            )
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));

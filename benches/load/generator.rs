@@ -447,3 +447,30 @@ pub async fn each_user_once(
     all.elapsed = started.elapsed();
     all
 }
+
+/// One connection's share of a storm: once `go` turns `true`, sends requests `first`,
+/// `first + stride`, … below `count` (request n is for user `n / per_user`), stopping at the
+/// first failure; returns every outcome.
+pub fn spawn_wave(
+    mut connection: KeptConnection,
+    first: usize,
+    count: usize,
+    stride: usize,
+    per_user: usize,
+    workload: Arc<Workload>,
+    mut go: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<Result<(u16, Duration), String>>> {
+    tokio::spawn(async move {
+        let _ = go.wait_for(|go| *go).await;
+        let mut outcomes = Vec::new();
+        for request in (first..count).step_by(stride) {
+            let sent = connection.send(workload.request(request / per_user)).await;
+            let failed = sent.is_err();
+            outcomes.push(sent);
+            if failed {
+                break;
+            }
+        }
+        outcomes
+    })
+}

@@ -41,7 +41,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use crate::affinity::{started_on, CoreLayout};
 use crate::gateway_config::GatewayFiles;
 use crate::generator::{
-    self, Authorization, ConcurrentRun, Generator, KeptConnection, RunResult, Workload,
+    self, spawn_wave, Authorization, ConcurrentRun, Generator, KeptConnection, RunResult, Workload,
 };
 use crate::report::Cell;
 use crate::{BenchResult, Plan};
@@ -604,22 +604,16 @@ fn refresh_storm(bench: &Bench<'_>, replicas: &[Replica]) -> BenchResult<Replica
         let tasks: Vec<_> = connections
             .into_iter()
             .enumerate()
-            .map(|(first, mut connection)| {
-                let workload = workload.clone();
-                let mut go = go_rx.clone();
-                tokio::spawn(async move {
-                    let _ = go.wait_for(|go| *go).await;
-                    let mut outcomes = Vec::new();
-                    for request in (first..requests).step_by(in_flight) {
-                        let sent = connection.send(workload.request(request / REPLICAS)).await;
-                        let failed = sent.is_err();
-                        outcomes.push(sent);
-                        if failed {
-                            break;
-                        }
-                    }
-                    outcomes
-                })
+            .map(|(first, connection)| {
+                spawn_wave(
+                    connection,
+                    first,
+                    requests,
+                    in_flight,
+                    REPLICAS,
+                    workload.clone(),
+                    go_rx.clone(),
+                )
             })
             .collect();
         let started = Instant::now();

@@ -407,7 +407,7 @@ impl TokenManager {
                 let worker = inner.worker.handle.clone();
                 let tracked = inner.worker.tracker.track_future({
                     let inner = inner.clone();
-                    async move { inner.load_or_refresh(&task_key).await }
+                    async move { inner.locked_token(&task_key, refresh::Mode::Request).await }
                 });
                 worker
                     .spawn(tracked)
@@ -590,7 +590,7 @@ impl Inner {
     fn spawn_refresh_ahead(self: &Arc<Self>, key: ConnectionKey) {
         let inner = self.clone();
         self.spawn_tracked(async move {
-            match inner.refresh_ahead(&key).await {
+            match inner.locked_token(&key, refresh::Mode::Ahead).await {
                 Ok(token) => inner.cache.insert(key, token).await,
                 Err(error) => {
                     tracing::warn!(connection = %key, %error, "refresh ahead of expiry failed; the current token is served until it must be refreshed")

@@ -71,20 +71,15 @@ enum Verdict {
 }
 
 impl Inner {
-    pub(super) async fn load_or_refresh(
+    /// The procedure for a request (`Mode::Request`) or a refresh ahead (`Mode::Ahead`), under
+    /// the connection's in-process lock.
+    pub(super) async fn locked_token(
         self: &Arc<Self>,
         key: &ConnectionKey,
+        mode: Mode,
     ) -> Result<CachedToken, TokenError> {
         let _held = self.locks.lock(key).await;
-        self.token(self.run(key, Mode::Request).await?)
-    }
-
-    pub(super) async fn refresh_ahead(
-        self: &Arc<Self>,
-        key: &ConnectionKey,
-    ) -> Result<CachedToken, TokenError> {
-        let _held = self.locks.lock(key).await;
-        self.token(self.run(key, Mode::Ahead).await?)
+        self.token(self.run(key, mode).await?)
     }
 
     /// The keeper's refresh of one connection; `Ok(false)` when it was no longer due.
@@ -152,13 +147,19 @@ impl Inner {
                 tracing::warn!(connection = %key, "a refresh was interrupted (crash); it is finished on the connection's next use");
                 continue;
             }
-            let _held = self.locks.lock(&key).await;
-            match self.run(&key, Mode::Recover).await {
-                Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
-                Ok(Outcome::NotDue) => {}
-                Err(error) => {
-                    tracing::error!(connection = %key, %error, "an interrupted refresh could not be finished")
-                }
+            self.finish_unfinished(key).await;
+        }
+    }
+
+    /// Refreshes `key` once more to finish a refresh left unfinished (by a crash, or a call
+    /// whose outcome is unknown); the token goes to the cache.
+    async fn finish_unfinished(self: &Arc<Self>, key: ConnectionKey) {
+        let _held = self.locks.lock(&key).await;
+        match self.run(&key, Mode::Recover).await {
+            Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
+            Ok(Outcome::NotDue) => {}
+            Err(error) => {
+                tracing::warn!(connection = %key, %error, "an unfinished refresh could not be finished yet")
             }
         }
     }
@@ -185,14 +186,7 @@ impl Inner {
             if intent.owner != self.owner || self.clock.now() - intent.started_at < hold {
                 continue;
             }
-            let _held = self.locks.lock(&key).await;
-            match self.run(&key, Mode::Recover).await {
-                Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
-                Ok(Outcome::NotDue) => {}
-                Err(error) => {
-                    tracing::warn!(connection = %key, %error, "an unfinished refresh of this process could not be resolved yet")
-                }
-            }
+            self.finish_unfinished(key).await;
         }
     }
 
