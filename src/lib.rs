@@ -181,8 +181,8 @@ pub fn token_settings(config: &Config) -> TokenSettings {
         one_time_retention: config.tokens.one_time_retention,
         cache_capacity: config.tokens.cache_capacity,
         shared_store: matches!(config.store.backend, StoreBackend::Postgres(_)),
-        // The token call's own limit, plus the commit and a margin.
-        refresh_hold_limit: config.upstream.token_timeout + Duration::from_secs(5),
+        // The token call's own limit, plus its retries, the commit and a margin.
+        refresh_hold_limit: config.upstream.token_timeout + Duration::from_secs(10),
         rotation_grace: config.upstream.rotation_grace,
         touch_interval: Duration::from_secs(24 * 3600),
     }

@@ -233,6 +233,10 @@ impl TokenStore for FaultyStore {
         self.inner.register_owner(owner).await
     }
 
+    fn liveness_epoch(&self) -> Option<u64> {
+        self.inner.liveness_epoch()
+    }
+
     async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
         self.knobs.read("owner").await?;
         self.inner.owner_alive(owner).await

@@ -436,6 +436,13 @@ pub trait TokenStore: Send + Sync + 'static {
     /// earlier process (one process serves a file), so never alive.
     async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError>;
 
+    /// How many times this process has (re)taken its liveness lock; a new value means its
+    /// database session was lost and replaced (a failover, a restart of the database) since.
+    /// `None` on the embedded store.
+    fn liveness_epoch(&self) -> Option<u64> {
+        None
+    }
+
     /// Records a data call for `key` at `now` (for the keeper's idleness rule); tokens and
     /// version are untouched. A missing connection is not an error.
     async fn touch(&self, key: &ConnectionKey, now: UnixSeconds) -> Result<(), StoreError>;

@@ -216,6 +216,8 @@ pub struct PostgresStore {
     connect_timeout: Duration,
     /// Whether this process's liveness lock is held (see `register_owner`).
     liveness: Arc<tokio::sync::OnceCell<tokio::sync::watch::Receiver<bool>>>,
+    /// Times the liveness lock was (re)taken.
+    liveness_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Shared {
@@ -330,6 +332,7 @@ impl PostgresStore {
             options: own_options,
             connect_timeout,
             liveness: Arc::default(),
+            liveness_epoch: Arc::default(),
         })
     }
 
@@ -414,11 +417,17 @@ async fn prepare(
             outcome
         };
         match attempt.await {
-            // Another replica may hold the migration lock for longer than `lock_timeout`.
-            Err(PgOpenError::Unreachable(reason) | PgOpenError::Migrate(reason))
-                if wait == OpenWait::UntilReachable =>
-            {
+            // Another replica may hold the migration lock for longer than `lock_timeout`; any
+            // other migration error (a changed or missing migration, privileges) is final.
+            Err(PgOpenError::Unreachable(reason)) if wait == OpenWait::UntilReachable => {
                 tracing::warn!(%reason, retry_in = ?pause, "token store: PostgreSQL is not reachable yet; waiting for it");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            Err(PgOpenError::Migrate(reason))
+                if wait == OpenWait::UntilReachable && reason.contains("lock") =>
+            {
+                tracing::warn!(%reason, retry_in = ?pause, "token store: another replica is migrating the schema; waiting for it");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
@@ -904,6 +913,7 @@ impl TokenStore for PostgresStore {
                 let (announce, held) = tokio::sync::watch::channel(false);
                 let (owner, options) = (owner.to_owned(), self.options.clone());
                 let connect_timeout = self.connect_timeout;
+                let epoch = self.liveness_epoch.clone();
                 self.worker.handle.spawn(async move {
                     loop {
                         let locked = async {
@@ -921,6 +931,7 @@ impl TokenStore for PostgresStore {
                         }
                         .await;
                         if let Ok(mut conn) = locked {
+                            epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             let _ = announce.send(true);
                             // Keep the session (and its lock); notice when it is gone.
                             while conn.ping().await.is_ok() {
@@ -946,6 +957,13 @@ impl TokenStore for PostgresStore {
                 "cannot announce this process to PostgreSQL (liveness lock)".to_owned(),
             ))
         }
+    }
+
+    fn liveness_epoch(&self) -> Option<u64> {
+        Some(
+            self.liveness_epoch
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
     }
 
     async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {

@@ -262,6 +262,10 @@ struct Inner {
     refresh_gate: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// Set once the store knows this process is alive (see `TokenStore::register_owner`).
     owner_registered: tokio::sync::OnceCell<()>,
+    /// Set once the previous process's journal was read (graceful upgrade).
+    journal_adopted: tokio::sync::OnceCell<()>,
+    /// The store's liveness epoch and when this process first saw it.
+    liveness_seen: std::sync::Mutex<(u64, UnixSeconds)>,
 }
 
 /// The manager's own runtime and the tracker of what runs on it.
@@ -358,6 +362,8 @@ impl TokenManager {
                 },
                 refresh_gate: gate,
                 owner_registered: tokio::sync::OnceCell::new(),
+                journal_adopted: tokio::sync::OnceCell::new(),
+                liveness_seen: std::sync::Mutex::new((0, 0)),
             }),
         })
     }

@@ -113,13 +113,14 @@ impl Inner {
     /// Commits journaled grants, then finishes refreshes a crash interrupted. After a graceful
     /// upgrade, first waits for the old process to be gone, then reads the journal.
     pub(super) async fn recover(self: &Arc<Self>) {
-        if let (Some(gate), Some(journal)) = (self.refresh_gate.get(), &self.journal) {
-            let mut gate = gate.clone();
-            if gate.wait_for(|open| *open).await.is_err() {
-                return;
-            }
-            if let Err(error) = super::adopt_journal(journal, &self.memory) {
-                tracing::error!(%error, "the journal of the previous process could not be read");
+        if self.settings.shared_store && self.register_owner().await.is_ok() {
+            // From now on this process can tell a crashed replica from a failover.
+            self.liveness_steady_since();
+        }
+        if self.refresh_gate.get().is_some() {
+            tokio::select! {
+                opened = self.wait_for_gate_open() => if !opened { return },
+                _ = self.worker.tracker_closed() => return,
             }
         }
         for (key, _) in self.memory.uncommitted() {
@@ -200,12 +201,28 @@ impl Inner {
             .await
             .map_err(|e| store_failure(key, "load", e))?
             .ok_or(TokenError::NotFound)?;
+        let entry = self.memory.get(key);
+        if entry.concerns(connection.version)
+            && entry.dead
+            && connection.status == ConnectionStatus::Active
+        {
+            // finX declared this grant dead but the store missed it: record it now (which also
+            // clears the refresh intent other replicas would otherwise wait on).
+            if let Err(error) = self
+                .store
+                .set_status(key, ConnectionStatus::ReauthRequired, self.clock.now())
+                .await
+            {
+                tracing::warn!(connection = %key, %error, "reauth_required still not recorded");
+            }
+        }
         if let Some(done) = self.settle(&connection, mode, &mut None).await? {
             return Ok(done);
         }
 
         self.wait_for_gate().await?;
         self.register_owner().await?;
+        self.liveness_steady_since();
         // Serialise with every other refresher of this connection (other replicas included)
         // and judge the row again as it is under the lock.
         let lease = match self.store.lock_for_refresh(key).await {
@@ -226,8 +243,17 @@ impl Inner {
                 // still be in flight or its answer not yet committed. A live owner finishes its
                 // own refresh (its resolver commits or retries it within seconds); spending the
                 // token here would be reuse.
+                // A dead-looking owner of a young intent may be alive after all: a failover ends
+                // every session at once, its liveness lock too, while its call is in flight.
+                // Unless this process's own liveness session has lasted since before the intent
+                // (then no failover came in between, and the owner really died), wait for
+                // longer than any call.
+                let recent =
+                    now - intent.started_at < self.settings.refresh_hold_limit.as_secs() as i64;
+                let failover_possible = self.liveness_steady_since() > intent.started_at;
                 if self.settings.shared_store
-                    && self.store.owner_alive(&intent.owner).await.unwrap_or(true)
+                    && (self.store.owner_alive(&intent.owner).await.unwrap_or(true)
+                        || (recent && failover_possible))
                 {
                     tracing::warn!(connection = %key, "another replica's refresh of this connection is unfinished; it finishes it");
                     return self.serve_despite(&connection, mode, TokenError::Store);
@@ -236,6 +262,15 @@ impl Inner {
                 Some(intent.owner.clone())
             }
             _ => None,
+        };
+        // Recovery finishes an unfinished refresh only; if none is left, it is an ordinary load.
+        let unfinished = lease
+            .intent()
+            .is_some_and(|intent| intent.version == connection.version);
+        let mode = if mode == Mode::Recover && !unfinished {
+            Mode::Request
+        } else {
+            mode
         };
         let mut lease = Some(lease);
         if interrupted.is_none() {
@@ -332,6 +367,23 @@ impl Inner {
             .map(Outcome::Token)
     }
 
+    /// Since when (as far as this process can tell) its liveness session has lasted: the first
+    /// time the store's current liveness epoch was seen. Later than the truth, never earlier.
+    fn liveness_steady_since(&self) -> UnixSeconds {
+        let Some(epoch) = self.store.liveness_epoch() else {
+            return UnixSeconds::MIN;
+        };
+        let now = self.clock.now();
+        let mut seen = self
+            .liveness_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.0 != epoch {
+            *seen = (epoch, now);
+        }
+        seen.1
+    }
+
     /// Announces this process to the store once, before its first refresh intent.
     async fn register_owner(&self) -> Result<(), TokenError> {
         self.owner_registered
@@ -344,16 +396,37 @@ impl Inner {
             })
     }
 
-    /// Waits until this process may refresh (see `TokenManager::gate_refreshes`).
-    async fn wait_for_gate(&self) -> Result<(), TokenError> {
+    /// Waits for the refresh gate (a graceful upgrade), then reads the journal the previous
+    /// process left, once: no refresh passes before its grants are known. `false` if the gate
+    /// can never open.
+    async fn wait_for_gate_open(&self) -> bool {
         let Some(gate) = self.refresh_gate.get() else {
-            return Ok(());
+            return true;
         };
         let mut gate = gate.clone();
-        let opened = tokio::time::timeout(self.settings.refresh_hold_limit, async {
-            gate.wait_for(|open| *open).await.is_ok()
-        })
-        .await;
+        if gate.wait_for(|open| *open).await.is_err() {
+            return false;
+        }
+        self.journal_adopted
+            .get_or_init(|| async {
+                if let Some(journal) = &self.journal {
+                    if let Err(error) = super::adopt_journal(journal, &self.memory) {
+                        tracing::error!(%error, "the journal of the previous process could not be read");
+                    }
+                }
+            })
+            .await;
+        true
+    }
+
+    /// Waits until this process may refresh (see [`Self::wait_for_gate_open`]), at most the
+    /// refresh hold limit.
+    async fn wait_for_gate(&self) -> Result<(), TokenError> {
+        if self.refresh_gate.get().is_none() {
+            return Ok(());
+        }
+        let opened =
+            tokio::time::timeout(self.settings.refresh_hold_limit, self.wait_for_gate_open()).await;
         match opened {
             Ok(true) => Ok(()),
             _ => {
@@ -464,6 +537,9 @@ impl Inner {
             return Err(error);
         }
         let entry = self.memory.get(&connection.key);
+        if entry.concerns(connection.version) && entry.dead {
+            return Err(TokenError::ReauthRequired);
+        }
         let rejected = entry.concerns(connection.version) && entry.rejected;
         match self.stored_token(connection, rejected) {
             Some(token) if token.expires_at - self.clock.now() > MIN_REMAINING_SECS => {

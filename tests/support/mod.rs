@@ -428,6 +428,9 @@ impl TokenStore for FlakyStore {
     async fn owner_alive(&self, owner: &str) -> Result<bool, StoreError> {
         self.inner.owner_alive(owner).await
     }
+    fn liveness_epoch(&self) -> Option<u64> {
+        self.inner.liveness_epoch()
+    }
     async fn pending_intents(&self) -> Result<Vec<(ConnectionKey, RefreshIntent)>, StoreError> {
         self.inner.pending_intents().await
     }
