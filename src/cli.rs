@@ -220,7 +220,7 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     let _log_writer = crate::telemetry::init(&config.telemetry);
     // An upgrading process waits for the old one's serving lock in the background (and does
     // not refresh until it has it); otherwise a held lock refuses the start.
-    let (_serving, refresh_gate) = if upgrade {
+    let (mut serving, refresh_gate) = if upgrade {
         let gate = crate::lock_store_after_upgrade(&config).map_err(|e| e.to_string())?;
         (None, Some(gate))
     } else {
@@ -232,8 +232,20 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     // Before any listener opens: from here on a stop is graceful. (While the store is still
     // being waited for, a signal simply ends the process: nothing has started yet.)
     let signals = crate::GatewaySignals::install().map_err(|e| e.to_string())?;
-    let built = crate::build_server(&config, store, Arc::new(SystemClock), refresh_gate)
-        .map_err(|e| e.to_string())?;
+    let predecessors = serving
+        .as_ref()
+        .map_or_else(Vec::new, |lock| lock.predecessors.clone());
+    let built = crate::build_server(
+        &config,
+        store,
+        Arc::new(SystemClock),
+        refresh_gate,
+        &predecessors,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(lock) = serving.as_mut() {
+        lock.record_owner(built.tokens.owner());
+    }
     tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
     built.server.run(RunArgs {
         shutdown_signal: Box::new(signals),

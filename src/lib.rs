@@ -78,7 +78,49 @@ pub enum StartError {
 /// on the shared store, the one using its journal. Operator commands (`connections import`,
 /// `list`) open the store without it.
 pub struct ServingLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    /// The processes that held this lock before (their ids as written by
+    /// [`ServingLock::record_owner`]): every one of them has stopped, so a refresh intent they
+    /// left is a crash, never a refresh still in flight.
+    pub predecessors: Vec<String>,
+}
+
+/// How many earlier owners the lock file remembers.
+const REMEMBERED_OWNERS: usize = 64;
+
+impl ServingLock {
+    fn taken(mut file: std::fs::File) -> Self {
+        use std::io::Read;
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let mut predecessors: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && line.len() <= 64)
+            .map(str::to_owned)
+            .collect();
+        let keep_from = predecessors.len().saturating_sub(REMEMBERED_OWNERS - 1);
+        predecessors.drain(..keep_from);
+        Self { file, predecessors }
+    }
+
+    /// Adds this process (`owner`) to the lock file's list, for whoever takes the lock next.
+    pub fn record_owner(&mut self, owner: &str) {
+        use std::io::{Seek, Write};
+        let mut text = self.predecessors.join("\n");
+        text.push('\n');
+        text.push_str(owner);
+        text.push('\n');
+        let written = self
+            .file
+            .set_len(0)
+            .and_then(|()| self.file.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| self.file.write_all(text.as_bytes()))
+            .and_then(|()| self.file.sync_data());
+        if let Err(error) = written {
+            tracing::warn!(%error, "could not record this process in the serving lock file");
+        }
+    }
 }
 
 /// The serving lock's file: `<store>.lock` for the embedded store, `<journal>.lock` for the
@@ -94,6 +136,7 @@ fn serving_lock_file(config: &Config) -> Result<(std::fs::File, std::path::PathB
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(|e| StartError::Store(format!("cannot open {}: {e}", path.display())))?;
@@ -104,7 +147,7 @@ fn serving_lock_file(config: &Config) -> Result<(std::fs::File, std::path::PathB
 pub fn lock_store_for_serving(config: &Config) -> Result<ServingLock, StartError> {
     let (file, path) = serving_lock_file(config)?;
     match file.try_lock() {
-        Ok(()) => Ok(ServingLock { _file: file }),
+        Ok(()) => Ok(ServingLock::taken(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Store(format!(
             "another finx-gateway process is serving {} (lock {}); an embedded store, and a \
              replica's journal, serve one gateway process",
@@ -185,6 +228,7 @@ pub fn token_settings(config: &Config) -> TokenSettings {
         refresh_hold_limit: config.upstream.token_timeout + Duration::from_secs(10),
         rotation_grace: config.upstream.rotation_grace,
         touch_interval: Duration::from_secs(24 * 3600),
+        predecessors: Vec::new(),
     }
 }
 
@@ -195,7 +239,7 @@ pub fn build_token_manager(
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 ) -> Result<TokenManager, StartError> {
-    token_manager_with_gate(config, store, clock, None)
+    token_manager_with_gate(config, store, clock, None, token_settings(config))
 }
 
 /// The longest a stop waits for refreshes in flight: one refresh's worst case (a wait for
@@ -213,6 +257,7 @@ fn token_manager_with_gate(
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
     refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    settings: TokenSettings,
 ) -> Result<TokenManager, StartError> {
     let key = config
         .store
@@ -225,7 +270,7 @@ fn token_manager_with_gate(
         store,
         endpoint,
         clock,
-        token_settings(config),
+        settings,
         Some(journal),
         refresh_gate,
     )
@@ -244,13 +289,19 @@ pub struct BuiltGateway {
 ///
 /// With `refresh_gate`, nothing is refreshed until it turns `true` (see
 /// [`lock_store_after_upgrade`]).
+///
+/// `predecessors` are the earlier owners of this process's serving lock (see [`ServingLock`]).
 pub fn build_server(
     config: &Config,
     store: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
     refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    predecessors: &[String],
 ) -> Result<BuiltGateway, StartError> {
-    let tokens = token_manager_with_gate(config, store.clone(), clock.clone(), refresh_gate)?;
+    let mut settings = token_settings(config);
+    settings.predecessors = predecessors.to_vec();
+    let tokens =
+        token_manager_with_gate(config, store.clone(), clock.clone(), refresh_gate, settings)?;
     tokens.recover();
     tokens.start_resolver();
     let keeper = config.keeper.clone().map(|settings| {
@@ -524,11 +575,12 @@ impl RunningGateway {
         store: Arc<dyn TokenStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartError> {
-        let serving = lock_store_for_serving(&config)?;
+        let mut serving = lock_store_for_serving(&config)?;
         if config.listen.port() == 0 {
             config.listen = reserve_port(config.listen.ip())?;
         }
-        let built = build_server(&config, store, clock, None)?;
+        let built = build_server(&config, store, clock, None, &serving.predecessors)?;
+        serving.record_owner(built.tokens.owner());
         Ok(Self {
             shutdown_deadline: shutdown_deadline(&config),
             server: Some(ServerThread::spawn(

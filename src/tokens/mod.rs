@@ -127,6 +127,9 @@ pub struct TokenSettings {
     pub rotation_grace: Duration,
     /// How long a data call is remembered before it is recorded again (`last_used_at`).
     pub touch_interval: Duration,
+    /// Processes known to have stopped (earlier holders of this process's serving lock): their
+    /// refresh intents are finished at once.
+    pub predecessors: Vec<String>,
 }
 
 impl TokenSettings {
@@ -142,6 +145,7 @@ impl TokenSettings {
             refresh_hold_limit: Duration::from_secs(15),
             rotation_grace: Duration::ZERO,
             touch_interval: Duration::from_secs(24 * 3600),
+            predecessors: Vec::new(),
         }
     }
 }
@@ -573,6 +577,11 @@ impl TokenManager {
             commit_window_total_us: get(&c.commit_window_total_us),
             journaled: get(&c.journaled),
         }
+    }
+
+    /// This process's id in refresh intents.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
     }
 
     /// The keeper over this manager (see [`keeper`]).

@@ -250,7 +250,8 @@ impl Inner {
                 // longer than any call.
                 let recent =
                     now - intent.started_at < self.settings.refresh_hold_limit.as_secs() as i64;
-                let failover_possible = self.liveness_steady_since() > intent.started_at;
+                let failover_possible = self.liveness_steady_since() > intent.started_at
+                    && !self.settings.predecessors.contains(&intent.owner);
                 if self.settings.shared_store
                     && (self.store.owner_alive(&intent.owner).await.unwrap_or(true)
                         || (recent && failover_possible))
