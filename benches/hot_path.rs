@@ -1,4 +1,4 @@
-//! Criterion micro benches of the per-request hot path (issue 4, part 1): the access-token
+//! Criterion micro benches of the per-request hot path: the access-token
 //! cache hit, route classification with path normalisation, the upstream header rewrite, caller
 //! JWT verification, and AEAD sealing and opening of a 2 KB token.
 //!
@@ -116,7 +116,7 @@ fn route_classification(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter(|| {
-                let path = routes::request_path(black_box(target)).unwrap();
+                let path = routes::split_target(black_box(target)).unwrap().path;
                 black_box(routes::classify(path, "/callback").unwrap())
             })
         });

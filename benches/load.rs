@@ -1,4 +1,4 @@
-//! Load harness (issue 4, part 2): the gateway against a plain pingora passthrough, nginx and
+//! Load harness : the gateway against a plain pingora passthrough, nginx and
 //! the simulator itself ("direct", the ceiling), under the same HTTP/1.1 keep-alive load.
 //!
 //! One run starts the finX simulator (upstream), the gateway (warm cache), the passthrough

@@ -1,9 +1,13 @@
-//! The command line: `serve`, `check-config`, `sim`, `demo`, `connections`, `key`, `store`.
+//! The command line: `serve`, `check-config`, `sim`, `demo`, `connections`, `admin`, `key`,
+//! `store`.
+
+mod admin;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pingora::server::RunArgs;
@@ -13,7 +17,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreBackend};
 use crate::store::crypto::EncryptionKey;
 use crate::store::postgres::{OpenWait, PostgresStore};
-use crate::store::{ConnectionKey, CopyOutcome, NewConnection, TokenStore};
+use crate::store::rotation::{self, RotationOptions};
+use crate::store::{ConnectionKey, CopyOutcome, KeyStatus, NewConnection, TokenStore};
 
 /// finx-gateway: a pingora sidecar that injects per-user finX bearer tokens.
 #[derive(Parser, Debug)]
@@ -41,19 +46,27 @@ pub enum Command {
     CheckConfig {
         /// The TOML config file.
         config: PathBuf,
+        /// Check the file only: read no secret, resolve no host name, load no key (for CI and
+        /// build machines without the production secrets or network).
+        #[arg(long)]
+        offline: bool,
     },
     /// Run the finX simulator.
+    #[cfg(feature = "sim")]
     Sim(crate::sim::SimArgs),
     /// Start the simulator and the gateway on loopback with a throwaway store and print curl
     /// commands to try; runs until Ctrl-C.
+    #[cfg(feature = "sim")]
     Demo(crate::demo::DemoArgs),
     /// Manage stored connections.
     #[command(subcommand)]
     Connections(ConnectionsCommand),
+    /// A running gateway's admin API (list, show, import, revoke, purge connections).
+    Admin(admin::AdminArgs),
     /// Encryption keys for the token store.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// The token store itself: schema migrations, copying between stores.
+    /// The token store itself: schema migrations, copying between stores, key rotation.
     #[command(subcommand)]
     Store(StoreCommand),
     /// Caller tokens (development helpers).
@@ -137,6 +150,20 @@ pub enum StoreCommand {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Re-encrypt every stored token under `encryption_key` (key rotation) while gateways keep
+    /// serving the store; afterwards `previous_keys` can be removed from every config.
+    RotateKey {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Connections re-encrypted per write transaction.
+        #[arg(long, default_value_t = 200)]
+        batch_size: u32,
+    },
+    /// Count stored connections by the id of the key their tokens are encrypted under.
+    KeyStatus {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 /// `key …`
@@ -161,8 +188,10 @@ pub fn run() -> ExitCode {
 fn execute(command: Command) -> Result<(), String> {
     match command {
         Command::Serve { config, upgrade } => serve(&config, upgrade),
-        Command::CheckConfig { config } => check_config(&config),
+        Command::CheckConfig { config, offline } => check_config(&config, offline),
+        #[cfg(feature = "sim")]
         Command::Sim(args) => crate::sim::run(args).map_err(|e| e.to_string()),
+        #[cfg(feature = "sim")]
         Command::Demo(args) => crate::demo::run(args),
 
         Command::Connections(ConnectionsCommand::Import {
@@ -180,6 +209,7 @@ fn execute(command: Command) -> Result<(), String> {
             import(&config, key)
         }
         Command::Connections(ConnectionsCommand::List { config }) => list(&config),
+        Command::Admin(args) => admin::run(args),
         Command::Token(TokenCommand::Mint {
             config,
             key,
@@ -203,6 +233,10 @@ fn execute(command: Command) -> Result<(), String> {
         }
         Command::Store(StoreCommand::Migrate { config }) => migrate(&config),
         Command::Store(StoreCommand::Copy { from, to }) => copy(&from, &to),
+        Command::Store(StoreCommand::RotateKey { config, batch_size }) => {
+            rotate_key(&config, batch_size)
+        }
+        Command::Store(StoreCommand::KeyStatus { config }) => key_status(&config),
         Command::Key(KeyCommand::Generate) => {
             println!("{}", EncryptionKey::generate().to_base64().expose_secret());
             Ok(())
@@ -246,9 +280,12 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     if let Some(lock) = serving.as_mut() {
         lock.record_owner(built.tokens.owner());
     }
-    tracing::info!(listen = %config.listen, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
+    let reloader = built.reloader.clone();
+    let config_path = path.to_path_buf();
+    signals.on_hangup(Box::new(move || reloader.reload_and_log(&config_path)));
+    tracing::info!(listen = %config.listen, admin = %config.admin.address, upstream = %config.upstream.base_url, upgrade, "finx-gateway serving");
     built.server.run(RunArgs {
-        shutdown_signal: Box::new(signals),
+        shutdown_signal: Box::new(signals.reporting_to(built.draining.clone())),
     });
     // The listeners are closed and requests drained; a refresh started is a refresh stored.
     let finished = built.tokens.shutdown(crate::shutdown_deadline(&config));
@@ -256,7 +293,15 @@ fn serve(path: &Path, upgrade: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn check_config(path: &Path) -> Result<(), String> {
+fn check_config(path: &Path, offline: bool) -> Result<(), String> {
+    if offline {
+        Config::check_path(path).map_err(|e| e.to_string())?;
+        println!(
+            "{}: OK offline (secrets, keys and addresses not checked)",
+            path.display()
+        );
+        return Ok(());
+    }
     let config = load(path)?;
     println!(
         "{}: OK (listen {}, upstream {}, store {})",
@@ -401,6 +446,80 @@ fn list(path: &Path) -> Result<(), String> {
                 c.refreshed_at.map_or("-".to_owned(), |t| t.to_string())
             );
         }
+        Ok(())
+    })
+}
+
+/// The counts of a [`KeyStatus`], one line per key id (ids only, never key material).
+fn print_key_status(status: &KeyStatus) {
+    println!(
+        "{} connection(s): {} under the primary key {}, {} to re-encrypt",
+        status.current + status.pending,
+        status.current,
+        status.primary_key_id,
+        status.pending
+    );
+    for (key_id, connections) in &status.by_key_id {
+        let role = if *key_id == status.primary_key_id {
+            " (primary)"
+        } else {
+            ""
+        };
+        println!("  key id {key_id}: {connections} connection(s){role}");
+    }
+    if status.format1 > 0 {
+        println!(
+            "  {} connection(s) hold tokens in the older format (sealed under key id {})",
+            status.format1, status.check_key_id
+        );
+    }
+    println!("key check sealed under key id {}", status.check_key_id);
+}
+
+/// `store key-status`.
+fn key_status(path: &Path) -> Result<(), String> {
+    with_store(path, async |store| {
+        let status = store.key_status().await.map_err(|e| e.to_string())?;
+        print_key_status(&status);
+        if status.is_complete() {
+            println!("nothing to rotate: only the primary key is in use");
+        } else {
+            println!("run `finx-gateway store rotate-key` to re-encrypt under the primary key");
+        }
+        Ok(())
+    })
+}
+
+/// `store rotate-key`: passes of batches until every token is under the primary key, a line
+/// of progress at most once a second, the final counts.
+fn rotate_key(path: &Path, batch_size: u32) -> Result<(), String> {
+    with_store(path, async |store| {
+        let before = store.key_status().await.map_err(|e| e.to_string())?;
+        println!("before:");
+        print_key_status(&before);
+        let options = RotationOptions {
+            batch_size,
+            ..RotationOptions::default()
+        };
+        let mut last_line = std::time::Instant::now();
+        let status = rotation::rotate(store.as_ref(), &options, |progress| {
+            if progress.last.next.is_none() || last_line.elapsed() >= Duration::from_secs(1) {
+                last_line = std::time::Instant::now();
+                println!(
+                    "pass {}: {} connection(s) re-encrypted, {} changed meanwhile (retried)",
+                    progress.pass, progress.resealed, progress.raced
+                );
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        println!("after:");
+        print_key_status(&status);
+        println!(
+            "rotation complete: every token is encrypted under key id {}; previous_keys can now \
+             be removed from every config",
+            status.primary_key_id
+        );
         Ok(())
     })
 }

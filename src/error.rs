@@ -1,6 +1,9 @@
 //! The one mapping from everything that can go wrong inside the gateway to the HTTP answer the
-//! caller sees (DESIGN.md §4). Leaf errors elsewhere are typed; they become a [`GatewayError`]
-//! through `From`, and only this module decides status, code and message.
+//! caller sees. Domain modules return their own typed errors ([`AuthError`], [`ConnectError`],
+//! [`TokenError`], [`TokenFailure`]); they become a [`GatewayError`] through `From` here, and
+//! only this module decides status, code and message (`docs/architecture.md` lists them).
+//!
+//! Depends on the domain modules' error types only; only the proxy depends on it.
 
 use std::borrow::Cow;
 
@@ -8,7 +11,8 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::callers::AuthError;
-use crate::tokens::TokenError;
+use crate::connect::ConnectError;
+use crate::tokens::{TokenError, TokenFailure};
 
 /// An error the gateway answers itself, as `{"error": {"code", "message"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +62,11 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// A 400 with `why` as its message.
+    pub fn bad_request(why: impl Into<Cow<'static, str>>) -> Self {
+        Self::BadRequest(why.into())
+    }
+
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -76,7 +85,7 @@ impl GatewayError {
         }
     }
 
-    /// The stable machine-readable code of DESIGN.md §4.
+    /// The stable machine-readable code (the README's error table).
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad_request",
@@ -167,6 +176,34 @@ impl From<TokenError> for GatewayError {
     }
 }
 
+impl From<TokenFailure> for GatewayError {
+    /// A finX call the gateway made for the caller (a flow start) that failed.
+    fn from(failure: TokenFailure) -> Self {
+        match failure {
+            TokenFailure::Timeout => Self::UpstreamTimeout {
+                retry_after_secs: 1,
+            },
+            TokenFailure::Unavailable {
+                retry_after_secs, ..
+            } => Self::UpstreamUnavailable { retry_after_secs },
+            TokenFailure::InvalidGrant | TokenFailure::Rejected(_) => Self::GatewayMisconfigured,
+        }
+    }
+}
+
+impl From<ConnectError> for GatewayError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::BadRequest(why) => Self::BadRequest(why),
+            ConnectError::State(state) => Self::BadRequest(state.to_string().into()),
+            ConnectError::Caller(auth) => auth.into(),
+            ConnectError::Upstream(failure) => failure.into(),
+            ConnectError::Store => Self::StoreUnavailable,
+            ConnectError::Internal => Self::Internal,
+        }
+    }
+}
+
 impl From<AuthError> for GatewayError {
     fn from(error: AuthError) -> Self {
         match &error {
@@ -227,6 +264,24 @@ mod tests {
             assert_eq!(error.code(), code);
             let body: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
             assert_eq!(body["error"]["code"], code);
+        }
+    }
+
+    #[test]
+    fn domain_errors_map_to_one_answer_each() {
+        use crate::connect::state::StateError;
+        let cases: [(GatewayError, u16); 5] = [
+            (ConnectError::State(StateError::Expired).into(), 400),
+            (ConnectError::Upstream(TokenFailure::Timeout).into(), 504),
+            (ConnectError::Store.into(), 503),
+            (
+                ConnectError::Caller(AuthError::Forbidden { reason: "x" }).into(),
+                403,
+            ),
+            (TokenError::ReauthRequired.into(), 424),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
         }
     }
 }

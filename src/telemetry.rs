@@ -1,8 +1,13 @@
 //! Logging: `tracing` with pretty or JSON output; pingora's `log` records are bridged in.
 //!
-//! Whatever level an operator configures, TRACE records of other crates are dropped: pingora
-//! prints whole request headers (the caller's credentials among them) at TRACE, and no filter
-//! setting may turn that on by accident.
+//! Whatever level an operator configures, no dependency record may carry raw request bytes:
+//! TRACE records of other crates are dropped (pingora prints whole request headers, the
+//! caller's credentials among them, at TRACE), and so are pingora's DEBUG records (a request it
+//! cannot parse is logged at DEBUG with up to 2 KiB of its raw header bytes: a caller JWT, a
+//! callback's `code`). pingora is the one dependency that reads caller bytes; its INFO and
+//! above describe the server, not requests. No filter setting may turn any of it on.
+
+use std::sync::OnceLock;
 
 use tracing::{Level, Metadata};
 pub use tracing_appender::non_blocking::WorkerGuard;
@@ -10,50 +15,112 @@ use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::config::{LogFormat, TelemetryConfig};
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    /// A `tracing` env-filter directive, e.g. `info` or `finx_gateway=debug,info`.
+    pub level: String,
+}
 
 /// Installs the global subscriber writing to stderr from a background thread, so no request
 /// waits on log I/O. Keep the returned guard alive: dropping it flushes and stops the writer.
 /// Safe to call more than once (later calls are ignored).
 #[must_use = "dropping the guard stops the log writer"]
-pub fn init(config: &TelemetryConfig) -> WorkerGuard {
+pub fn init(config: &TelemetrySettings) -> WorkerGuard {
     // Lossless: under overload requests wait for the writer rather than drop audit lines.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
-    init_with_writer(config.format, &config.level, writer);
+    install(config.format, &config.level, writer, colours_on_stderr());
     guard
 }
 
-/// Whether a record may be written at all: ours at any level, other crates' up to DEBUG.
-fn may_carry_no_secret(metadata: &Metadata<'_>) -> bool {
-    *metadata.level() < Level::TRACE || metadata.target().starts_with("finx_gateway")
+/// Colours only for a person: stderr is a terminal and `NO_COLOR` is unset (or empty).
+fn colours_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
 
-/// Installs the global subscriber with a writer of the caller's choice (tests capture logs).
+/// The handle that changes the level filter of the installed subscriber (a reload).
+static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Changes the log level filter of the running process (`telemetry.level` on a reload).
+/// `RUST_LOG`, when set, still wins: the operator's environment outranks the file.
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Err("RUST_LOG is set; it decides the level".into());
+    }
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    LEVEL
+        .get()
+        .ok_or_else(|| "logging is not initialised".to_owned())?
+        .reload(filter)
+        .map_err(|e| e.to_string())
+}
+
+/// Whether a record may be written at all: ours at any level, pingora's from INFO up, other
+/// crates' up to DEBUG.
+fn may_carry_no_secret(metadata: &Metadata<'_>) -> bool {
+    let target = metadata.target();
+    if target.starts_with("finx_gateway") {
+        return true;
+    }
+    if target.starts_with("pingora") {
+        return *metadata.level() <= Level::INFO;
+    }
+    *metadata.level() < Level::TRACE
+}
+
+/// Installs the global subscriber with a writer of the caller's choice (tests capture logs),
+/// without colours.
 pub fn init_with_writer<W>(format: LogFormat, level: &str, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    install(format, level, writer, false);
+}
+
+fn install<W>(format: LogFormat, level: &str, writer: W, colours: bool)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let env_filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (env_filter, handle) = reload::Layer::new(env_filter);
     let filter = env_filter.and(filter_fn(may_carry_no_secret));
     let layer = match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_ansi(colours)
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
     };
     // `try_init` also installs the `log` → `tracing` bridge for pingora's records.
-    let _ = tracing_subscriber::registry().with(layer).try_init();
+    if tracing_subscriber::registry()
+        .with(layer)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LEVEL.set(handle);
+    }
 }
 
 #[cfg(test)]
@@ -86,7 +153,18 @@ mod tests {
             )
         };
         assert!(!may_carry_no_secret(&meta("pingora_proxy", Level::TRACE)));
-        assert!(may_carry_no_secret(&meta("pingora_proxy", Level::DEBUG)));
+        assert!(!may_carry_no_secret(&meta("pingora_proxy", Level::DEBUG)));
+        assert!(!may_carry_no_secret(&meta(
+            "pingora_core::protocols::http::v1::server",
+            Level::DEBUG
+        )));
+        assert!(may_carry_no_secret(&meta("pingora_proxy", Level::INFO)));
+        assert!(may_carry_no_secret(&meta("pingora_proxy", Level::ERROR)));
+        assert!(!may_carry_no_secret(&meta(
+            "reqwest::connect",
+            Level::TRACE
+        )));
+        assert!(may_carry_no_secret(&meta("reqwest::connect", Level::DEBUG)));
         assert!(may_carry_no_secret(&meta(
             "finx_gateway::tokens",
             Level::TRACE

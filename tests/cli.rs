@@ -73,9 +73,7 @@ cache_capacity = 0
         "listener.address",
         "allow_insecure_http",
         "client.id",
-        "FINX_TEST_SURELY_UNSET_VARIABLE",
         "store.path",
-        "missing.key",
         "cache_capacity",
         "callers",
     ] {
@@ -84,6 +82,47 @@ cache_capacity = 0
             "{problem} missing from:\n{report}"
         );
     }
+    // Secrets are read only once the file itself is right (the second step).
+    assert!(
+        !report.contains("FINX_TEST_SURELY_UNSET_VARIABLE"),
+        "{report}"
+    );
+}
+
+#[test]
+fn check_config_resolves_secrets_in_a_second_step_that_offline_skips() {
+    let setup = setup();
+    let path = write_config(&setup, "");
+    let config = std::fs::read_to_string(&path).unwrap();
+    // A file that is right in itself, naming a secret that is not there.
+    let broken = config.replace("client-secret", "no-such-secret-file");
+    assert_ne!(
+        broken, config,
+        "the test config names its client secret file"
+    );
+    std::fs::write(&path, broken).unwrap();
+
+    let online = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(!online.status.success());
+    assert!(
+        text(&online).contains("no-such-secret-file"),
+        "{}",
+        text(&online)
+    );
+
+    let offline = gateway(&["check-config", "--offline", path.to_str().unwrap()], None);
+    assert!(offline.status.success(), "{}", text(&offline));
+    assert!(text(&offline).contains("OK offline"), "{}", text(&offline));
+
+    // Offline still finds every mistake in the file itself.
+    std::fs::write(&path, "[tokens]\ncache_capacity = 0\n").unwrap();
+    let offline = gateway(&["check-config", "--offline", path.to_str().unwrap()], None);
+    assert!(!offline.status.success());
+    assert!(
+        text(&offline).contains("cache_capacity"),
+        "{}",
+        text(&offline)
+    );
 }
 
 #[test]
@@ -224,7 +263,7 @@ fn key_generate_prints_a_usable_key() {
     let key = String::from_utf8(output.stdout).unwrap();
     assert!(EncryptionKey::from_base64(
         key.trim(),
-        finx_gateway::store::crypto::KeySource::Env("stdout".into())
+        finx_gateway::secret::SecretRef::Env("stdout".into())
     )
     .is_ok());
 }
@@ -255,4 +294,54 @@ fn shipped_sample_configs_are_valid() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", text(&output));
+}
+
+#[test]
+fn previous_keys_are_checked_offline_and_loaded_online_like_the_encryption_key() {
+    let setup = setup();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let store = |previous: &str| {
+        format!(
+            "encryption_key = {{ file = \"store.key\" }}\nprevious_keys = {previous}\n{}",
+            ProcessSetup::sqlite_store()
+        )
+    };
+    // Paths are relative to the config's directory; a missing one is reported by name, after
+    // the offline check (which reads nothing) passed.
+    let missing = setup.config(
+        "missing",
+        listen,
+        &store("[{ file = \"old.key\" }, { env = \"FINX_TEST_UNSET_PREVIOUS_KEY\" }]"),
+        "",
+    );
+    let offline = gateway(
+        &["check-config", "--offline", missing.to_str().unwrap()],
+        None,
+    );
+    assert!(offline.status.success(), "{}", text(&offline));
+    let online = gateway(&["check-config", missing.to_str().unwrap()], None);
+    let message = text(&online);
+    assert!(!online.status.success());
+    assert!(message.contains("store.previous_keys[0]"), "{message}");
+    assert!(message.contains("old.key"), "{message}");
+    assert!(message.contains("store.previous_keys[1]"), "{message}");
+    assert!(
+        message.contains("FINX_TEST_UNSET_PREVIOUS_KEY"),
+        "{message}"
+    );
+
+    let old = EncryptionKey::generate().to_base64();
+    std::fs::write(setup.dir.path().join("old.key"), old.expose_secret()).unwrap();
+    let valid = setup.config("valid", listen, &store("[{ file = \"old.key\" }]"), "");
+    let output = gateway(&["check-config", valid.to_str().unwrap()], None);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains(old.expose_secret()));
+    std::fs::write(setup.dir.path().join("old.key"), "not a key").unwrap();
+    let output = gateway(&["check-config", valid.to_str().unwrap()], None);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("store.previous_keys[0]"),
+        "{}",
+        text(&output)
+    );
 }

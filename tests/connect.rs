@@ -1,4 +1,4 @@
-//! Connect flows through the gateway, for every flow kind of finx-api.md §4: the service starts
+//! Connect flows through the gateway, for every flow kind finX offers: the service starts
 //! the flow at the gateway, the user completes the simulator's widget, the browser returns to
 //! the gateway's callback, and the app's redirect carries no code while the connection works.
 
@@ -27,7 +27,7 @@ fn payment() -> Value {
     })
 }
 
-/// A valid body for `kind` (finx-api.md §4) returning to the app with `state`.
+/// A valid body for `kind` returning to the app with `state`.
 fn body_for(kind: &str, user: &str) -> Value {
     let mut body = json!({"redirect_uri": APP_RETURN, "state": format!("app-state-{kind}")});
     let extra = match kind {

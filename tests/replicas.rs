@@ -623,7 +623,7 @@ fn postgres_store_settings_are_validated() {
         );
     }
     let mut sqlite = ConfigFile::default();
-    sqlite.store.url = Some(finx_gateway::config::SecretRef::Env("X".into()));
+    sqlite.store.url = Some(finx_gateway::secret::SecretRef::Env("X".into()));
     let errors = finx_gateway::config::Config::from_file(&sqlite, Path::new("."))
         .unwrap_err()
         .to_string();

@@ -228,3 +228,59 @@ async fn no_secret_reaches_a_log_line() {
         );
     }
 }
+
+const MALFORMED_JWT: &str = "CANARY-JWT-IN-A-MALFORMED-REQUEST-8277e0910d750195b448797616e091ad";
+const MALFORMED_CODE: &str = "CANARY-CODE-IN-A-MALFORMED-REQUEST-e4da3b7fbbce2345d7772b0674a318d5";
+
+/// A request pingora cannot parse is answered 400 before the gateway sees it; at DEBUG and
+/// TRACE (the harness captures both) no record may carry its raw bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_leave_no_secret_in_debug_or_trace_logs() {
+    use std::io::{Read, Write};
+
+    let harness = Harness::start();
+    let addr = harness.gateway().addr();
+    let target = format!("/callback?code={MALFORMED_CODE}&state=s");
+    let auth = format!("Authorization: Bearer {MALFORMED_JWT}");
+    let malformed = [
+        // A header line without a colon.
+        format!("GET {target} HTTP/1.1\r\nHost: gateway\r\n{auth}\r\nno colon here\r\n\r\n"),
+        // An unknown HTTP version (pingora first tries to escape the request line).
+        format!("GET {target} HTTP/7.7\r\nHost: gateway\r\n{auth}\r\n\r\n"),
+        // A control byte in a header value.
+        format!("GET {target} HTTP/1.1\r\nHost: gateway\r\n{auth}\r\nX-Bad: a\u{1}b\r\n\r\n"),
+        // A space in a header name.
+        format!("GET {target} HTTP/1.1\r\n{auth}\r\nBad Name: x\r\n\r\n"),
+        // The credential in a header pingora refuses, the code in a target it rewrites.
+        format!("GET {target}\" HTTP/1.1\r\nHost: gateway\r\nX-Bad\u{7f}: {MALFORMED_JWT}\r\n\r\n"),
+    ];
+    for request in &malformed {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request:?}: {answer}");
+    }
+    // A well-formed request after them, so the logs are known to have caught up to here.
+    let marker = harness.get_as("nobody-malformed", "/rest/accounts").await;
+    assert_eq!(marker.status(), 404);
+    support::eventually(Duration::from_secs(10), "the access line", || async {
+        captured_logs().contains("nobody-malformed")
+    })
+    .await;
+
+    let logs = captured_logs();
+    // DEBUG records of the dependencies are kept: the capture does look at that level.
+    assert!(
+        logs.contains("\"level\":\"DEBUG\""),
+        "no DEBUG record was captured"
+    );
+    for secret in [MALFORMED_JWT, MALFORMED_CODE] {
+        let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(secret)).collect();
+        assert!(leaks.is_empty(), "a log record carries a canary: {leaks:?}");
+    }
+}

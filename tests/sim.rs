@@ -108,6 +108,15 @@ impl Sim {
             .expect("request")
     }
 
+    async fn receipt(&self, flow_id: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(&format!("/payment-receipts/{flow_id}")))
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .send()
+            .await
+            .expect("request")
+    }
+
     async fn refresh(&self, refresh_token: &str) -> reqwest::Response {
         self.token(&json!({ "grant_type": "refresh_token", "refresh_token": refresh_token }))
             .await
@@ -364,7 +373,8 @@ async fn widget_success_redirects_with_state_success_code_and_flow_id_keeping_th
     assert_eq!(query["success"], "true");
     assert_eq!(query["flow_id"], flow_id);
     assert!(!query["code"].is_empty());
-    assert!(!query.contains_key("abort") && !query.contains_key("cancel"));
+    assert_eq!(query["abort"], "false");
+    assert!(!query.contains_key("cancel"));
     // A flow ends once.
     let again = sim.complete_raw(&flow_id).await;
     assert_eq!(again.status(), StatusCode::CONFLICT);
@@ -402,7 +412,8 @@ async fn widget_cancel_and_error_redirect_without_code() {
     );
     assert_eq!(query["success"], "false");
     assert_eq!(query["state"], "s");
-    assert!(!query.contains_key("code") && !query.contains_key("abort"));
+    assert_eq!(query["abort"], "false", "a failure is no cancel");
+    assert!(!query.contains_key("code") && !query.contains_key("cancel"));
 }
 
 #[tokio::test]
@@ -958,7 +969,7 @@ async fn one_time_flow_data_and_tokens_vanish_an_hour_after_the_flow() {
     assert_eq!(report.status(), StatusCode::OK);
     let report: Value = report.json().await.expect("json");
     assert_eq!(report["id"], flow_id.as_str());
-    assert_eq!(report["reporting_period"], 6);
+    assert_eq!(report["period"], 6);
     assert_eq!(
         sim.rest("/rest/income-report", text(&tokens["access_token"]))
             .await
@@ -1180,8 +1191,8 @@ async fn reports_are_readable_by_their_own_grant_only() {
         .json()
         .await
         .expect("json");
-    assert_eq!(report["result"], "match");
-    assert_eq!(report["name"], "Jane Doe");
+    assert_eq!(report["matched"]["affinity"], "VERY_HIGH");
+    assert_eq!(report["provided"]["name"], "Jane Doe");
 
     let (risk, _) = sim
         .flow(
@@ -1250,29 +1261,14 @@ async fn client_level_data_calls_work_with_basic_auth() {
     let (payment, _) = sim
         .flow("/onetime/payment", json!({ "redirect_uri": REDIRECT, "payment": { "creditor": { "iban": "DE02120300000000202051", "name": "Shop" }, "amount": { "value": 9.99, "currency": "EUR" }, "purpose": "Order 7" } }))
         .await;
-    let receipt_url = sim.url(&format!("/payment-receipts/{payment}"));
-    let pending = sim
-        .http
-        .get(&receipt_url)
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(pending.status(), StatusCode::NOT_FOUND);
     sim.ctl
         .complete_widget(&payment, "success")
         .await
         .expect("complete");
-    let receipt = sim
-        .http
-        .get(&receipt_url)
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .send()
-        .await
-        .expect("request");
+    let receipt = sim.receipt(&payment).await;
     assert_eq!(receipt.status(), StatusCode::OK);
     let receipt: Value = receipt.json().await.expect("json");
-    assert_eq!(receipt["payment"]["purpose"], "Order 7");
+    assert_eq!(receipt["purpose"], "Order 7");
 }
 
 // ---------------------------------------------------------------- 8. control plane and faults
@@ -1650,6 +1646,727 @@ async fn unknown_paths_and_methods_get_finx_errors() {
         .await
         .expect("request");
     assert!(odd.status().is_client_error());
+}
+
+// ---------------------------------------------------------------- 10. as finX's guides and examples have it
+
+#[tokio::test]
+async fn flow_bodies_take_booleans_and_numbers_spelled_as_strings() {
+    let sim = Sim::with_control();
+    // finX's own risk-report and ongoing-payment examples, as published.
+    let risk = json!({
+        "state": "test123",
+        "redirect_uri": "http://localhost",
+        "language": "de",
+        "account_types": ["Giro account"],
+        "name": "Hans-Peter Meier",
+        "reporting_period": "12",
+        "allow_multi_selection": "true",
+        "user_id": "postman-risk-report@qwist.com",
+    });
+    sim.flow("/ongoing/risk-report", risk.clone()).await;
+    let mut onetime_risk = risk;
+    onetime_risk
+        .as_object_mut()
+        .expect("object")
+        .remove("user_id");
+    let (risk_flow, _) = sim.flow("/onetime/risk-report", onetime_risk).await;
+    let payment = json!({
+        "state": "b0bc2e10-838f-4955-b8a6-733666049655",
+        "redirect_uri": "http://localhost",
+        "language": "de",
+        "save_secrets": "false",
+        "user_id": "postman-collection@qwist.com",
+        "payment": {
+            "creditor": { "iban": "DE86990003540000002000", "name": "Peter Jackson" },
+            "debtor": { "iban": "DE07900948150000002000" },
+            "amount": { "value": 57.99, "currency": "EUR" },
+            "purpose": "Thank you for the fish",
+            "end_to_end_reference": "124/473294/384785",
+        },
+    });
+    sim.flow("/ongoing/payment", payment).await;
+    // Every usual spelling, wherever a boolean or a number is expected.
+    let (_, location) = sim
+        .flow(
+            "/ongoing/access",
+            json!({ "redirect_uri": REDIRECT, "user_id": "u1", "allow_multi_selection": "False", "save_secrets": "TRUE", "sync_period": "365" }),
+        )
+        .await;
+    assert!(location.contains("/widget/"));
+    sim.flow(
+        "/onetime/income-report",
+        json!({ "redirect_uri": REDIRECT, "reporting_period": "6" }),
+    )
+    .await;
+    let (amount_as_text, _) = sim
+        .flow("/onetime/payment", json!({ "redirect_uri": REDIRECT, "payment": { "creditor": { "iban": "DE86990003540000002000", "name": "P" }, "amount": { "value": "0.25", "currency": "EUR" }, "purpose": "p" } }))
+        .await;
+    sim.ctl
+        .complete_widget(&amount_as_text, "success")
+        .await
+        .expect("complete");
+    let receipt: Value = sim
+        .receipt(&amount_as_text)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(receipt["amount"]["value"], 0.25, "stored as a number");
+    // The spelled-out number is the number.
+    let grant = sim.ctl.create_flow_grant(&risk_flow).await.expect("grant");
+    let report: Value = sim
+        .rest(
+            &format!("/rest/risk-reports/{risk_flow}"),
+            &grant.access_token,
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(report["period"], 12);
+}
+
+#[tokio::test]
+async fn flow_bodies_still_refuse_what_is_no_boolean_or_number_in_any_spelling() {
+    let sim = Sim::start(SimConfig::default());
+    let response = sim
+        .post_basic(
+            "/ongoing/access",
+            &json!({ "redirect_uri": REDIRECT, "user_id": "u1", "allow_multi_selection": "yes", "save_secrets": 1, "sync_period": "90 days" }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.expect("json");
+    let data = &body["error"]["data"];
+    assert_eq!(data["allow_multi_selection"], json!(["Must be a boolean."]));
+    assert_eq!(data["save_secrets"], json!(["Must be a boolean."]));
+    assert!(data["sync_period"][0].is_string(), "{body}");
+    for (path, body, field) in [
+        (
+            "/onetime/income-report",
+            json!({ "redirect_uri": REDIRECT, "reporting_period": "12.5" }),
+            "reporting_period",
+        ),
+        (
+            "/onetime/income-report",
+            json!({ "redirect_uri": REDIRECT, "reporting_period": "3" }),
+            "reporting_period",
+        ),
+        (
+            "/onetime/access",
+            json!({ "redirect_uri": REDIRECT, "sync_period": [90] }),
+            "sync_period",
+        ),
+        (
+            "/onetime/access",
+            json!({ "redirect_uri": REDIRECT, "sync_period": "-1" }),
+            "sync_period",
+        ),
+        (
+            "/onetime/payment",
+            json!({ "redirect_uri": REDIRECT, "payment": { "creditor": { "iban": "DE86990003540000002000", "name": "P" }, "amount": { "value": "1e3", "currency": "EUR" }, "purpose": "p" } }),
+            "payment.amount.value",
+        ),
+        (
+            "/onetime/account-verification",
+            json!({ "redirect_uri": REDIRECT, "name": "N", "readout": true }),
+            "readout",
+        ),
+        (
+            "/onetime/account-verification",
+            json!({ "redirect_uri": REDIRECT, "name": "N", "readout": ["EVERYTHING"] }),
+            "readout",
+        ),
+    ] {
+        let response = sim.post_basic(path, &body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let answer: Value = response.json().await.expect("json");
+        assert!(
+            answer["error"]["data"][field][0].is_string(),
+            "{field} not named in {answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn flow_bodies_take_finx_s_other_documented_shapes() {
+    let sim = Sim::start(SimConfig::default());
+    // `readout` is a list; no upper limit on the history asked for (a bank gives what it has).
+    sim.flow(
+        "/onetime/account-verification",
+        json!({ "redirect_uri": REDIRECT, "language": "de", "name": "Max Mustermann", "account": "DE93300308800013441006", "readout": [] }),
+    )
+    .await;
+    sim.flow(
+        "/onetime/payment",
+        json!({ "redirect_uri": REDIRECT, "readout": ["ACCOUNTS", "TRANSACTIONS"], "payment": { "creditor": { "iban": "DE86990003540000002000", "name": "P" }, "amount": { "value": 1, "currency": "EUR" }, "purpose": "p" } }),
+    )
+    .await;
+    sim.flow(
+        "/onetime/access",
+        json!({ "redirect_uri": REDIRECT, "sync_period": 3650 }),
+    )
+    .await;
+    let (flow_id, _) = sim
+        .flow(
+            "/onetime/income-report",
+            json!({ "redirect_uri": REDIRECT, "reporting_period": 36 }),
+        )
+        .await;
+    // Flow ids look like finX's: UUIDs.
+    let groups: Vec<usize> = flow_id.split('-').map(str::len).collect();
+    assert_eq!(groups, [8, 4, 4, 4, 12], "{flow_id}");
+    assert!(flow_id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+}
+
+#[tokio::test]
+async fn payment_receipts_follow_the_flow_from_pending_to_executed_cancelled_or_failed() {
+    let sim = Sim::with_control();
+    let order = |extra: Value| {
+        let mut body = json!({ "redirect_uri": REDIRECT, "user_id": "payer", "payment": { "creditor": { "iban": "DE86990003540000002000", "name": "Peter Jackson" }, "amount": { "value": 57.99, "currency": "EUR" }, "purpose": "Thank you for the fish" } });
+        if let Value::Object(extra) = extra {
+            for (key, value) in extra {
+                body["payment"][key] = value;
+            }
+        }
+        body
+    };
+    let (executed, _) = sim
+        .flow(
+            "/onetime/payment",
+            order(json!({ "sepa_purpose_code": "GDDS" })),
+        )
+        .await;
+    let pending: Value = sim.receipt(&executed).await.json().await.expect("json");
+    assert_eq!(pending["id"], executed.as_str());
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["submitted_at"], Value::Null);
+    assert_eq!(pending["creditor"]["name"], "Peter Jackson");
+    sim.ctl
+        .complete_widget(&executed, "success")
+        .await
+        .expect("complete");
+    let receipt: Value = sim.receipt(&executed).await.json().await.expect("json");
+    assert_eq!(receipt["status"], "executed");
+    assert_eq!(
+        receipt["amount"],
+        json!({ "value": 57.99, "currency": "EUR" })
+    );
+    assert_eq!(receipt["purpose"], "Thank you for the fish");
+    assert_eq!(receipt["sepa_purpose_code"], "GDDS");
+    assert_eq!(receipt["type"], "SEPA transfer");
+    assert!(text(&receipt["debtor"]["iban"]).starts_with("DE"));
+    assert!(!text(&receipt["end_to_end_reference"]).is_empty());
+    let submitted = text(&receipt["submitted_at"]);
+    assert!(
+        submitted.len() == 20 && submitted.ends_with('Z'),
+        "{submitted}"
+    );
+
+    let (cancelled, _) = sim
+        .flow(
+            "/ongoing/payment",
+            order(json!({ "debtor": { "iban": "DE07900948150000002000" }, "end_to_end_reference": "124/473294/384785" })),
+        )
+        .await;
+    sim.ctl
+        .complete_widget(&cancelled, "abort")
+        .await
+        .expect("complete");
+    let receipt: Value = sim.receipt(&cancelled).await.json().await.expect("json");
+    assert_eq!(receipt["status"], "cancelled");
+    assert_eq!(receipt["debtor"]["iban"], "DE07900948150000002000");
+    assert_eq!(receipt["end_to_end_reference"], "124/473294/384785");
+    assert_eq!(receipt["submitted_at"], Value::Null);
+
+    let (failed, _) = sim.flow("/ongoing/payment", order(json!({}))).await;
+    sim.ctl
+        .complete_widget(&failed, "error")
+        .await
+        .expect("complete");
+    let receipt: Value = sim.receipt(&failed).await.json().await.expect("json");
+    assert_eq!(receipt["status"], "failed");
+
+    // Only payment flows have receipts.
+    let (access, _) = sim
+        .flow("/onetime/access", json!({ "redirect_uri": REDIRECT }))
+        .await;
+    for id in [access.as_str(), "3ca31c37-986a-454e-ad64-8e97143c86bc"] {
+        assert_eq!(sim.receipt(id).await.status(), StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test]
+async fn categorize_takes_finx_s_bare_array_and_answers_in_kind() {
+    let sim = Sim::start(SimConfig::default());
+    let response = sim
+        .post_basic(
+            "/rpc/categorize",
+            &json!([
+                { "currency": "EUR", "name": "REWE Hamburg EppenHamburg", "amount": -36.10, "booked": true, "id": "T1.45", "purpose": "Bargeld" },
+                { "currency": "EUR", "name": "Hansen Immobilien KG", "amount": "4450.00", "id": "T1.50", "purpose": "Lohn/Gehalt" },
+            ]),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.expect("json");
+    let items = answer.as_array().expect("an array for an array");
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["id"], "T1.45");
+    assert_eq!(items[0]["booked"], true, "other fields pass through");
+    assert_eq!(items[0]["category"]["name"], "Groceries");
+    assert_eq!(
+        items[1]["category"]["name"], "Income",
+        "a text amount is a number"
+    );
+    for bad in [json!([{ "name": "no id" }]), json!([1]), json!("x")] {
+        let response = sim.post_basic("/rpc/categorize", &bad).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn validation_errors_list_their_messages_per_field() {
+    let sim = Sim::start(SimConfig::default());
+    let response = sim
+        .post_basic("/onetime/access", &json!({ "redirect_uri": "not a url" }))
+        .await;
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], 1000);
+    assert_eq!(body["error"]["group"], "client");
+    assert_eq!(
+        body["error"]["data"],
+        json!({ "redirect_uri": ["Must be an absolute http(s) URL."] })
+    );
+}
+
+/// The query of a redirect as ordered (name, value) pairs.
+fn pairs_of(url: &str) -> Vec<(String, String)> {
+    let url = url::Url::parse(url).expect("redirect is a URL");
+    url.query_pairs().into_owned().collect()
+}
+
+fn names(pairs: &[(String, String)]) -> Vec<&str> {
+    pairs.iter().map(|(name, _)| name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn redirect_parameters_come_in_the_order_of_finx_s_guides() {
+    let sim = Sim::with_control();
+    let start = |state: Option<&str>| {
+        let mut body = json!({ "redirect_uri": "http://localhost" });
+        if let Some(state) = state {
+            body["state"] = json!(state);
+        }
+        sim.flow("/onetime/access", body)
+    };
+    // Success: code first, then state, success, flow_id and abort=false.
+    let (flow_id, _) = start(Some("7fe78733")).await;
+    let callback = sim
+        .ctl
+        .complete_widget(&flow_id, "success")
+        .await
+        .expect("complete");
+    let pairs = pairs_of(&callback);
+    assert_eq!(
+        names(&pairs),
+        ["code", "state", "success", "flow_id", "abort"],
+        "{callback}"
+    );
+    assert_eq!(pairs[1].1, "7fe78733");
+    assert_eq!(
+        (pairs[2].1.as_str(), pairs[4].1.as_str()),
+        ("true", "false")
+    );
+    assert_eq!(pairs[3].1, flow_id);
+    // The way finX's client scripts read the code: the first parameter's value.
+    let first_value = callback
+        .split('&')
+        .next()
+        .and_then(|first| first.split('=').nth(1))
+        .expect("a first parameter");
+    assert_eq!(first_value, pairs[0].1);
+    let exchanged = sim
+        .token(&json!({ "grant_type": "authorization_code", "code": first_value }))
+        .await;
+    assert_eq!(exchanged.status(), StatusCode::OK);
+
+    // Cancel: no code; success=false&cancel=true&abort=true.
+    let (flow_id, _) = start(Some("s")).await;
+    let callback = sim
+        .ctl
+        .complete_widget(&flow_id, "abort")
+        .await
+        .expect("complete");
+    let pairs = pairs_of(&callback);
+    assert_eq!(
+        pairs,
+        [
+            ("state".to_owned(), "s".to_owned()),
+            ("success".to_owned(), "false".to_owned()),
+            ("cancel".to_owned(), "true".to_owned()),
+            ("abort".to_owned(), "true".to_owned()),
+            ("flow_id".to_owned(), flow_id.clone()),
+        ]
+    );
+
+    // A failure is no cancel; without a state there is no state parameter.
+    let (flow_id, _) = start(None).await;
+    let callback = sim
+        .ctl
+        .complete_widget(&flow_id, "error")
+        .await
+        .expect("complete");
+    assert_eq!(
+        pairs_of(&callback),
+        [
+            ("success".to_owned(), "false".to_owned()),
+            ("flow_id".to_owned(), flow_id.clone()),
+            ("abort".to_owned(), "false".to_owned()),
+        ]
+    );
+
+    // A redirect_uri's own query stays in front.
+    let (flow_id, _) = sim
+        .flow("/onetime/access", json!({ "redirect_uri": REDIRECT }))
+        .await;
+    let callback = sim
+        .ctl
+        .complete_widget(&flow_id, "success")
+        .await
+        .expect("complete");
+    assert_eq!(
+        names(&pairs_of(&callback)),
+        ["tenant", "code", "success", "flow_id", "abort"]
+    );
+}
+
+#[tokio::test]
+async fn timeline_breaks_the_totals_down_per_account() {
+    let sim = Sim::with_control();
+    // A user with three accounts (the data is deterministic per user id).
+    let mut user = None;
+    for n in 0..20 {
+        let grant = sim
+            .ctl
+            .create_grant(&format!("timeline-{n}"))
+            .await
+            .expect("grant");
+        let accounts: Value = sim
+            .rest("/rest/accounts", &grant.access_token)
+            .await
+            .json()
+            .await
+            .expect("json");
+        if accounts["accounts"].as_array().expect("array").len() == 3 {
+            user = Some((grant, accounts));
+            break;
+        }
+    }
+    let (grant, accounts) = user.expect("a user with three accounts");
+    let ids: Vec<&str> = accounts["accounts"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| text(&a["account_id"]))
+        .collect();
+    let timeline: Value = sim
+        .rest("/rest/timeline", &grant.access_token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(timeline["frequency"], "monthly");
+    let per_account = timeline["accounts"].as_array().expect("accounts[]");
+    let listed: Vec<&str> = per_account.iter().map(|a| text(&a["account_id"])).collect();
+    assert_eq!(
+        listed, ids,
+        "one entry per account, even without transactions"
+    );
+    // The totals are the sums of the accounts' periods.
+    for period in timeline["timeline"].as_array().expect("totals") {
+        let name = &period["period"];
+        let income: f64 = per_account
+            .iter()
+            .flat_map(|a| a["timeline"].as_array().expect("array"))
+            .filter(|p| p["period"] == *name)
+            .map(|p| p["income"].as_f64().expect("number"))
+            .sum();
+        let total = period["income"].as_f64().expect("number");
+        assert!(
+            (income - total).abs() < 0.011,
+            "{name}: {income} vs {total}"
+        );
+    }
+    // The filters restrict both; the documented frequencies and coarse dates are taken.
+    let filtered: Value = sim
+        .rest(
+            &format!(
+                "/rest/timeline?accounts={}&frequency=quarterly&since=2025&until=2025-05",
+                ids[1]
+            ),
+            &grant.access_token,
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(filtered["accounts"].as_array().expect("array").len(), 1);
+    assert_eq!(filtered["accounts"][0]["account_id"], ids[1]);
+    for period in filtered["timeline"].as_array().expect("array") {
+        assert!(
+            ["2025-Q1", "2025-Q2"].contains(&text(&period["period"])),
+            "{period}"
+        );
+    }
+    let yearly: Value = sim
+        .rest("/rest/timeline?frequency=yearly", &grant.access_token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(yearly["timeline"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .all(|p| text(&p["period"]).len() == 4));
+    let partners: Value = sim
+        .rest("/rest/payment-partners", &grant.access_token)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let partner = text(&partners[0]["id"]);
+    let one_partner = sim
+        .rest(
+            &format!("/rest/timeline?payment_partners={partner}&categories=11,21,22"),
+            &grant.access_token,
+        )
+        .await;
+    assert_eq!(one_partner.status(), StatusCode::OK);
+    for (query, field) in [
+        ("frequency=hourly", "frequency"),
+        ("since=2025-6", "since"),
+        ("categories=food", "categories"),
+    ] {
+        let bad = sim
+            .rest(&format!("/rest/timeline?{query}"), &grant.access_token)
+            .await;
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = bad.json().await.expect("json");
+        assert!(body["error"]["data"][field][0].is_string(), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn control_plane_refuses_unknown_fields_and_names_them() {
+    let sim = Sim::with_control();
+    // A misspelt fault injects nothing and says so.
+    let response = sim
+        .http
+        .post(sim.url("/_sim/faults"))
+        .json(&json!({ "token_eror_rate": 1.0 }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body["error"]["data"]["token_eror_rate"],
+        json!(["Unknown field."])
+    );
+    assert_eq!(sim.ctl.stats().await.expect("stats").faults_injected, 0);
+    let faults: Faults = sim
+        .http
+        .get(sim.url("/_sim/faults"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(faults, Faults::default());
+
+    let (flow_id, _) = sim
+        .flow("/onetime/access", json!({ "redirect_uri": REDIRECT }))
+        .await;
+    for (path, body, field) in [
+        ("/_sim/grants", json!({ "user": "u1" }), "user"),
+        (
+            "/_sim/grants",
+            json!({ "user_id": "u1", "scope": "x" }),
+            "scope",
+        ),
+        ("/_sim/clock/advance", json!({ "secs": 10 }), "secs"),
+        ("/_sim/clock/advance", json!({}), "seconds"),
+        (
+            "/_sim/revoke",
+            json!({ "user_id": "u1", "all": true }),
+            "all",
+        ),
+        ("/_sim/reset", json!({ "states": true }), "states"),
+        (
+            "/_sim/expire-access-tokens",
+            json!({ "user_id": "u1" }),
+            "user_id",
+        ),
+        (
+            &format!("/_sim/widget/{flow_id}/complete"),
+            json!({ "outcome": "success", "state": "x" }),
+            "state",
+        ),
+    ] {
+        let response = sim
+            .http
+            .post(sim.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path} {body}");
+        let answer: Value = response.json().await.expect("json");
+        assert!(
+            answer["error"]["data"][field][0].is_string(),
+            "{path}: {field} not named in {answer}"
+        );
+    }
+    for query in [
+        "stats?usr=u1",
+        "seen-headers?limt=5",
+        "seen-headers?limit=many",
+    ] {
+        let response = sim
+            .http
+            .get(sim.url(&format!("/_sim/{query}")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+    // Nothing of the refused calls took effect: the flow is still pending.
+    let redirect = sim
+        .ctl
+        .complete_widget(&flow_id, "success")
+        .await
+        .expect("complete");
+    assert!(redirect.contains("code="));
+    // Empty bodies still work where every field is optional.
+    for path in ["/_sim/reset", "/_sim/expire-access-tokens"] {
+        let response = sim.http.post(sim.url(path)).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn code_exchange_takes_an_empty_redirect_uri_as_not_sent() {
+    let sim = Sim::with_control();
+    let (_, code) = sim
+        .consented("/onetime/access", json!({ "redirect_uri": REDIRECT }))
+        .await;
+    let exchanged = sim
+        .token(&json!({ "grant_type": "authorization_code", "code": code, "redirect_uri": "" }))
+        .await;
+    assert_eq!(exchanged.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn reports_have_the_shape_of_finx_s_published_examples() {
+    let sim = Sim::with_control();
+    let report = |path: String, token: String| {
+        let sim = &sim;
+        async move {
+            let response = sim.rest(&path, &token).await;
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            response.json::<Value>().await.expect("json")
+        }
+    };
+    let summary_keys = ["average", "count", "high", "low", "total"];
+    let keys = |value: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
+        keys.sort_unstable();
+        keys
+    };
+
+    let (income, _) = sim
+        .flow(
+            "/onetime/income-report",
+            json!({ "redirect_uri": REDIRECT, "reporting_period": 12 }),
+        )
+        .await;
+    let grant = sim.ctl.create_flow_grant(&income).await.expect("grant");
+    let income = report(format!("/rest/income-reports/{income}"), grant.access_token).await;
+    assert_eq!(income["period"], 12);
+    assert_eq!(keys(&income["income"]["summary"]), summary_keys);
+    assert!(
+        income["income"]["summary"]["count"]
+            .as_u64()
+            .expect("count")
+            > 0
+    );
+    let primary = &income["income"]["primary"];
+    assert!(primary["category"]["name"].is_string(), "{primary}");
+    assert!(primary["payment_partner"].is_string(), "{primary}");
+    for group in ["regular_expenses", "variable_expenses"] {
+        for entry in income[group].as_array().expect(group) {
+            assert_eq!(keys(&entry["summary"]), summary_keys);
+            let stream = &entry["streams"][0];
+            assert!(stream["first_booked_on"].as_str() <= stream["last_booked_on"].as_str());
+        }
+    }
+    let disposable = &income["disposable_income"];
+    let discretionary = &income["discretionary_income"];
+    assert!(disposable["ratio"].is_number() && discretionary["ratio"].is_number());
+    assert!(
+        discretionary["total"].as_f64() <= disposable["total"].as_f64(),
+        "{income}"
+    );
+
+    let (verification, _) = sim
+        .flow(
+            "/onetime/account-verification",
+            json!({ "redirect_uri": REDIRECT, "name": "Max Mismatch", "account": "DE93300308800013441006" }),
+        )
+        .await;
+    let grant = sim
+        .ctl
+        .create_flow_grant(&verification)
+        .await
+        .expect("grant");
+    let verification = report(
+        format!("/rest/account-verifications/{verification}"),
+        grant.access_token,
+    )
+    .await;
+    assert_eq!(
+        verification["provided"],
+        json!({ "name": "Max Mismatch", "iban": "DE93300308800013441006" })
+    );
+    assert_eq!(verification["matched"]["affinity"], "LOW");
+    assert!(verification["matched"]["name"].is_string());
+    assert_eq!(
+        keys(&verification["account"]),
+        ["currency", "iban", "name", "owners", "type"]
+    );
+
+    let (risk, _) = sim
+        .flow(
+            "/onetime/risk-report",
+            json!({ "redirect_uri": REDIRECT, "name": "Hans-Peter Meier" }),
+        )
+        .await;
+    let grant = sim.ctl.create_flow_grant(&risk).await.expect("grant");
+    let risk = report(format!("/rest/risk-reports/{risk}"), grant.access_token).await;
+    assert_eq!(risk["period"], 12, "the default");
+    let account = &risk["accounts"][0];
+    assert_eq!(account["is_main_account"], true);
+    assert!(account["balance"]["average"]["three_months"].is_number());
+    assert_eq!(
+        account["verification_result"]["provided"]["name"],
+        "Hans-Peter Meier"
+    );
+    assert_eq!(keys(&risk["income"]["regular"]["summary"]), summary_keys);
+    assert!(risk["income"]["variable"]["streams"].is_array());
 }
 
 #[test]

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use finx_gateway::store::crypto::{EncryptionKey, KeyError, KeySource};
+use finx_gateway::secret::SecretRef;
+use finx_gateway::store::crypto::{EncryptionKey, KeyError};
 use finx_gateway::store::sqlite::{OpenError, SqliteStore};
 use finx_gateway::store::{ConnectionKey, StoreError, TokenStore};
 use secrecy::ExposeSecret;
@@ -289,7 +290,9 @@ fn key_files_and_variables_load_and_fail_clearly() {
         key.key_id()
     );
     assert_eq!(
-        KeySource::File(file.clone()).load().unwrap().key_id(),
+        EncryptionKey::load(&SecretRef::File(file.clone()))
+            .unwrap()
+            .key_id(),
         key.key_id()
     );
 
@@ -298,7 +301,9 @@ fn key_files_and_variables_load_and_fail_clearly() {
     std::env::set_var(var, format!("{}\n", encoded.expose_secret()));
     assert_eq!(EncryptionKey::from_env(var).unwrap().key_id(), key.key_id());
     assert_eq!(
-        KeySource::Env(var.into()).load().unwrap().key_id(),
+        EncryptionKey::load(&SecretRef::Env(var.into()))
+            .unwrap()
+            .key_id(),
         key.key_id()
     );
     std::env::remove_var(var);
@@ -334,7 +339,7 @@ fn key_files_and_variables_load_and_fail_clearly() {
     assert!(!format!("{err} {err:?}").contains(&short_content));
 
     let long = STANDARD.encode([9u8; 48]);
-    let err = EncryptionKey::from_base64(&long, KeySource::Env("X".into())).unwrap_err();
+    let err = EncryptionKey::from_base64(&long, SecretRef::Env("X".into())).unwrap_err();
     assert!(matches!(err, KeyError::WrongLength { actual: 48, .. }));
 
     let binary = dir.path().join("binary");

@@ -7,8 +7,10 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use finx_gateway::store::crypto::EncryptionKey;
+use finx_gateway::store::crypto::{EncryptionKey, KeyRing};
+use finx_gateway::store::faulty::FaultyStore;
 use finx_gateway::store::postgres::{OpenWait, PgSettings, PgTls, PostgresStore};
+use finx_gateway::store::rotation::{self, RotationError, RotationOptions};
 use finx_gateway::store::sqlite::SqliteStore;
 use finx_gateway::store::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, CopyOutcome, NewConnection,
@@ -71,8 +73,8 @@ impl Fixture {
         fx
     }
 
-    /// Another handle on the same data with `key`.
-    fn open_with(&self, key: EncryptionKey) -> Result<Arc<dyn TokenStore>, String> {
+    /// Another handle on the same data with `key` (a key, or a key ring).
+    fn open_with(&self, key: impl Into<KeyRing>) -> Result<Arc<dyn TokenStore>, String> {
         match &self.place {
             Place::Sqlite(dir) => SqliteStore::open(&dir.path().join("tokens.db"), key)
                 .map(|s| Arc::new(s) as Arc<dyn TokenStore>)
@@ -152,6 +154,22 @@ impl TokenStore for NoStore {
     async fn list(&self) -> Result<Vec<finx_gateway::store::ConnectionSummary>, StoreError> {
         unreachable!()
     }
+    async fn ping(&self) -> Result<(), StoreError> {
+        unreachable!()
+    }
+    async fn key_status(&self) -> Result<finx_gateway::store::KeyStatus, StoreError> {
+        unreachable!()
+    }
+    async fn reencrypt_batch(
+        &self,
+        _: Option<&finx_gateway::store::RotationCursor>,
+        _: u32,
+    ) -> Result<finx_gateway::store::ReencryptBatch, StoreError> {
+        unreachable!()
+    }
+    async fn complete_rotation(&self) -> Result<finx_gateway::store::KeyStatus, StoreError> {
+        unreachable!()
+    }
     async fn lock_for_refresh(
         &self,
         _: &ConnectionKey,
@@ -229,6 +247,11 @@ contract!(
     copy_in_writes_and_refuses_to_overwrite_a_newer_row,
     the_wrong_key_refuses_to_open,
     record_sync_touches_no_token,
+    rotation_re_encrypts_every_row_and_then_only_the_new_key_opens_the_store,
+    a_refresh_in_flight_commits_over_a_rotation,
+    commits_racing_a_rotation_are_never_lost,
+    rotation_stops_at_tokens_no_configured_key_opens,
+    rotation_through_injected_store_faults_loses_nothing,
 );
 
 async fn put_then_load_round_trips(fx: Fixture) {
@@ -676,6 +699,318 @@ async fn record_sync_touches_no_token(fx: Fixture) {
     assert_eq!(loaded.refresh_token.expose_secret(), "r-0");
     let err = fx.store.record_sync(&user("bob"), NOW).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+// --- Key rotation. ---
+
+/// A ring with `primary` as its primary key and `previous` as a previous key.
+fn ring(primary: &EncryptionKey, previous: &EncryptionKey) -> KeyRing {
+    KeyRing::new(same_key(primary), [same_key(previous)])
+}
+
+/// Small batches, so every rotation test runs several of them.
+fn small_batches() -> RotationOptions {
+    RotationOptions {
+        batch_size: 2,
+        idle_pause: Duration::from_millis(50),
+        ..RotationOptions::default()
+    }
+}
+
+async fn rotation_re_encrypts_every_row_and_then_only_the_new_key_opens_the_store(fx: Fixture) {
+    let (old, new) = (&fx.key, EncryptionKey::generate());
+    let (alice, bob, flow) = (
+        user("alice"),
+        user("bob"),
+        ConnectionKey::flow("svc", "f-1").unwrap(),
+    );
+    fx.put(&alice, "r-alice", Some(("a-alice", NOW + 600)))
+        .await;
+    fx.put(&bob, "r-bob", None).await;
+    fx.put(&flow, "r-flow", Some(("a-flow", NOW + 60))).await;
+
+    // The new key alone is not the store's key yet.
+    let message = fx.open_with(same_key(&new)).err().expect("refused");
+    assert!(message.contains("does not match"), "{message}");
+
+    // A ring with the new key primary reads what the old key sealed, and seals under the new.
+    let rotating = fx.open_with(ring(&new, old)).unwrap();
+    let loaded = rotating.load(&alice).await.unwrap().unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-alice");
+    assert_eq!(loaded.access.unwrap().token.expose_secret(), "a-alice");
+    let status = rotating.key_status().await.unwrap();
+    assert_eq!((status.current, status.pending, status.format1), (0, 3, 0));
+    assert_eq!(status.primary_key_id, new.key_id());
+    assert_eq!(status.check_key_id, old.key_id());
+    assert_eq!(status.by_key_id.get(&old.key_id()), Some(&3));
+    let carol = user("carol");
+    rotating
+        .put_connection(&carol, &new_connection("r-carol", None), NOW)
+        .await
+        .unwrap();
+    let status = rotating.key_status().await.unwrap();
+    assert_eq!((status.current, status.pending), (1, 3));
+    assert_eq!(status.by_key_id.get(&new.key_id()), Some(&1));
+    // A refresh without a rotated refresh token leaves a row half old, half new.
+    let bob_now = rotating.load(&bob).await.unwrap().unwrap();
+    let bob_committed = rotating
+        .commit_refresh(&bob, bob_now.version, &grant("a-bob", NOW + 900, None), NOW)
+        .await
+        .unwrap();
+    let status = rotating.key_status().await.unwrap();
+    assert_eq!((status.current, status.pending), (1, 3));
+    assert_eq!(status.by_key_id.get(&new.key_id()), Some(&2));
+    // Nothing moves the key check while rows are left.
+    assert!(!rotating.complete_rotation().await.unwrap().is_complete());
+    assert!(fx.open_with(same_key(old)).is_ok());
+
+    let mut batches = 0;
+    let done = rotation::rotate(rotating.as_ref(), &small_batches(), |_| batches += 1)
+        .await
+        .unwrap();
+    assert!(batches >= 2, "{batches} batches");
+    assert!(done.is_complete(), "{done:?}");
+    assert_eq!((done.current, done.pending), (4, 0));
+    assert_eq!(done.check_key_id, new.key_id());
+    assert_eq!(
+        done.by_key_id.keys().collect::<Vec<_>>(),
+        vec![&new.key_id()]
+    );
+    // Versions did not move: a refresh that read a row before the rotation still commits.
+    let bob_after = rotating.load(&bob).await.unwrap().unwrap();
+    assert_eq!(bob_after.version, bob_committed.version);
+
+    // Every row opens with the new key alone; the old key alone is refused, clearly.
+    let new_only = fx.open_with(same_key(&new)).unwrap();
+    for (key, refresh, access) in [
+        (&alice, "r-alice", Some("a-alice")),
+        (&bob, "r-bob", Some("a-bob")),
+        (&flow, "r-flow", Some("a-flow")),
+        (&carol, "r-carol", None),
+    ] {
+        let loaded = new_only.load(key).await.unwrap().unwrap();
+        assert_eq!(loaded.refresh_token.expose_secret(), refresh, "{key}");
+        assert_eq!(
+            loaded.access.map(|a| a.token.expose_secret().to_owned()),
+            access.map(str::to_owned),
+            "{key}"
+        );
+    }
+    assert!(new_only.key_status().await.unwrap().is_complete());
+    drop(rotating);
+    let message = fx.open_with(same_key(old)).err().expect("refused");
+    assert!(message.contains("does not match"), "{message}");
+    assert!(message.contains(&new.key_id()), "{message}");
+    assert!(message.contains(&old.key_id()), "{message}");
+    assert!(!message.contains(old.to_base64().expose_secret()));
+    assert!(!message.contains(new.to_base64().expose_secret()));
+    // A ring naming the old key as primary still opens (it holds the new key): it would seal
+    // under the old key again, which key-status shows.
+    let backwards = fx.open_with(ring(old, &new)).unwrap();
+    backwards
+        .put_connection(&carol, &new_connection("r-carol-2", None), NOW + 1)
+        .await
+        .unwrap();
+    let status = new_only.key_status().await.unwrap();
+    assert_eq!(status.by_key_id.get(&old.key_id()), Some(&1));
+    assert!(!status.is_complete());
+}
+
+async fn a_refresh_in_flight_commits_over_a_rotation(fx: Fixture) {
+    let new = EncryptionKey::generate();
+    let alice = user("alice");
+    fx.put(&alice, "r-0", Some(("a-0", NOW))).await;
+    let rotating = fx.open_with(ring(&new, &fx.key)).unwrap();
+    // A refresh has read the row (PostgreSQL: holds its lock) and is waiting for finX...
+    let lease = rotating.lock_for_refresh(&alice).await.unwrap();
+    // ...while a rotation runs over it (PostgreSQL skips the locked row, SQLite re-seals it).
+    let batch = rotating.reencrypt_batch(None, 10).await.unwrap();
+    assert_eq!(batch.raced, 0);
+    assert!(batch.next.is_none());
+    // The refresh still commits: the rotation moved no version.
+    let committed = lease
+        .commit_refresh(&grant("a-1", NOW + 900, Some("r-1")), NOW + 1)
+        .await
+        .unwrap();
+    assert_eq!(committed.refresh_token.expose_secret(), "r-1");
+    let done = rotation::rotate(rotating.as_ref(), &small_batches(), |_| {})
+        .await
+        .unwrap();
+    assert!(done.is_complete());
+    let loaded = fx
+        .open_with(same_key(&new))
+        .unwrap()
+        .load(&alice)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-1");
+    assert_eq!(loaded.access.unwrap().token.expose_secret(), "a-1");
+    assert_eq!(loaded.version, committed.version);
+}
+
+/// Refreshes commit on one handle while a rotation runs batches of one on another (as the
+/// gateway and `store rotate-key` would): every compare-and-swap succeeds, every commit is what
+/// is stored at the end, and the rotation completes.
+async fn commits_racing_a_rotation_are_never_lost(fx: Fixture) {
+    let new = EncryptionKey::generate();
+    let users: Vec<ConnectionKey> = (0..12).map(|i| user(&format!("u{i}"))).collect();
+    for u in &users {
+        fx.put(u, "r-0", None).await;
+    }
+    let serving = fx.open_with(ring(&new, &fx.key)).unwrap();
+    let rotating = fx.open_with(ring(&new, &fx.key)).unwrap();
+    const COMMITS: usize = 15;
+    let writers: Vec<_> = users
+        .iter()
+        .cloned()
+        .map(|u| {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                for i in 1..=COMMITS {
+                    let current = serving.load(&u).await.unwrap().unwrap();
+                    let refresh = format!("r-{i}");
+                    let access = format!("a-{i}");
+                    let grant = grant(&access, NOW + i as i64, Some(&refresh));
+                    // The only writer of this row: a conflict could only come from the rotation.
+                    serving
+                        .commit_refresh(&u, current.version, &grant, NOW + i as i64)
+                        .await
+                        .unwrap_or_else(|e| panic!("{u}: commit {i}: {e}"));
+                }
+            })
+        })
+        .collect();
+    let options = RotationOptions {
+        batch_size: 1,
+        ..small_batches()
+    };
+    let mut raced = 0;
+    let done = rotation::rotate(rotating.as_ref(), &options, |p| raced = p.raced)
+        .await
+        .unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(done.is_complete(), "{done:?}");
+    println!("rows raced during the rotation: {raced}");
+    let new_only = fx.open_with(same_key(&new)).unwrap();
+    for u in &users {
+        let loaded = new_only.load(u).await.unwrap().unwrap();
+        let last = format!("r-{COMMITS}");
+        assert_eq!(loaded.refresh_token.expose_secret(), last, "{u}");
+        assert_eq!(
+            loaded.access.unwrap().token.expose_secret(),
+            format!("a-{COMMITS}")
+        );
+    }
+    assert!(new_only.key_status().await.unwrap().is_complete());
+}
+
+/// Flips the last byte (inside the tag) of `key`'s refresh token in the database.
+fn tamper(fx: &Fixture, key: &ConnectionKey) {
+    match &fx.place {
+        Place::Sqlite(dir) => {
+            let conn = rusqlite::Connection::open(dir.path().join("tokens.db")).unwrap();
+            let mut blob: Vec<u8> = conn
+                .query_row(
+                    "SELECT refresh_token FROM connections WHERE key = ?1",
+                    [key.as_str()],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            *blob.last_mut().unwrap() ^= 1;
+            conn.execute(
+                "UPDATE connections SET refresh_token = ?1 WHERE key = ?2",
+                rusqlite::params![blob, key.as_str()],
+            )
+            .unwrap();
+        }
+        Place::Postgres(db) => db.execute(&format!(
+            "UPDATE connections SET refresh_token = set_byte(refresh_token, \
+             octet_length(refresh_token) - 1, \
+             get_byte(refresh_token, octet_length(refresh_token) - 1) # 1) \
+             WHERE key = '{}'",
+            key.as_str()
+        )),
+    }
+}
+
+async fn rotation_stops_at_tokens_no_configured_key_opens(fx: Fixture) {
+    let new = EncryptionKey::generate();
+    let (alice, bob) = (user("alice"), user("bob"));
+    fx.put(&alice, "r-alice", None).await;
+    fx.put(&bob, "r-bob", None).await;
+    tamper(&fx, &bob);
+    let rotating = fx.open_with(ring(&new, &fx.key)).unwrap();
+    let err = rotation::rotate(rotating.as_ref(), &small_batches(), |_| {})
+        .await
+        .unwrap_err();
+    let RotationError::Unreadable { keys, status } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(keys, &vec![bob.clone()]);
+    assert_eq!((status.current, status.pending), (1, 1));
+    let message = err.to_string();
+    assert!(
+        message.contains("bob") && message.contains(&fx.key.key_id()),
+        "{message}"
+    );
+    // The key check did not move: the old key still opens the store.
+    assert_eq!(status.check_key_id, fx.key.key_id());
+    assert!(fx.open_with(same_key(&fx.key)).is_ok());
+
+    // Once the damaged connection is gone, the rotation completes.
+    rotating.delete(&bob).await.unwrap();
+    let done = rotation::rotate(rotating.as_ref(), &small_batches(), |_| {})
+        .await
+        .unwrap();
+    assert!(done.is_complete());
+    let loaded = fx
+        .open_with(same_key(&new))
+        .unwrap()
+        .load(&alice)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.refresh_token.expose_secret(), "r-alice");
+}
+
+/// Through the fault injector, a share of the rotation's reads and writes fail (a write before
+/// or after it was applied): each failure stops the run, nothing is lost or damaged, and running
+/// again finishes the job.
+async fn rotation_through_injected_store_faults_loses_nothing(fx: Fixture) {
+    let new = EncryptionKey::generate();
+    let users: Vec<ConnectionKey> = (0..9).map(|i| user(&format!("u{i}"))).collect();
+    for (i, u) in users.iter().enumerate() {
+        fx.put(u, &format!("r-{i}"), Some((&format!("a-{i}"), NOW)))
+            .await;
+    }
+    let faulty = FaultyStore::new(fx.open_with(ring(&new, &fx.key)).unwrap());
+    faulty.set_error_rate(0.3);
+    let mut attempts = 0;
+    let done = loop {
+        attempts += 1;
+        assert!(attempts < 200, "the rotation never got through");
+        match rotation::rotate(&faulty, &small_batches(), |_| {}).await {
+            Ok(done) => break done,
+            Err(RotationError::Store(StoreError::Unavailable(message))) => {
+                assert!(message.contains("injected"), "{message}");
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert!(faulty.injected() > 0);
+    assert!(done.is_complete());
+    let new_only = fx.open_with(same_key(&new)).unwrap();
+    for (i, u) in users.iter().enumerate() {
+        let loaded = new_only.load(u).await.unwrap().unwrap();
+        assert_eq!(loaded.refresh_token.expose_secret(), format!("r-{i}"));
+        assert_eq!(
+            loaded.access.unwrap().token.expose_secret(),
+            format!("a-{i}")
+        );
+    }
 }
 
 // --- PostgreSQL only: what only a store shared by several processes can show. ---

@@ -65,6 +65,7 @@ impl GatewayFiles {
         std::fs::write(&secret_path, &sim.client_secret).map_err(|e| e.to_string())?;
         let mut file = ConfigFile::default();
         file.listener.address = Some("127.0.0.1:0".into());
+        file.admin.address = Some("127.0.0.1:0".into());
         file.upstream.base_url = Some(sim_base_url.to_owned());
         file.upstream.allow_insecure_http = Some(true);
         file.client.id = Some(sim.client_id.clone());

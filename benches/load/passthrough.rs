@@ -59,7 +59,8 @@ impl Passthrough {
         );
         service.add_tcp(&addr.to_string());
         server.add_service(service);
-        let server = ServerThread::spawn(server, addr, "passthrough").map_err(|e| e.to_string())?;
+        let server =
+            finx_gateway::spawn_pingora(server, addr, "passthrough").map_err(|e| e.to_string())?;
         Ok(Self { server })
     }
 

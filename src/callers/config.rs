@@ -1,13 +1,13 @@
 //! File form of the `[callers]` configuration, exactly as written in the gateway's TOML.
 //!
-//! These types only describe syntax; [`super::CallerAuth::from_file`] turns them into the
-//! validated runtime form and reports every problem at once.
+//! These types only describe syntax; [`super::CallerSettings::check`] validates them and reports
+//! every problem at once, and [`super::CallerAuth::resolve`] reads the keys they name.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::SecretRef;
+use crate::secret::SecretRef;
 
 /// The `[callers]` table.
 #[derive(Deserialize, Debug, Default, Clone)]

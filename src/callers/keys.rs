@@ -1,11 +1,13 @@
 //! Verification and signing keys: static keys from config and a hot-reloaded JWKS file.
 //!
+//! [`CallerAuth::resolve`] is where key material is read: the I/O step after the pure
+//! [`CallerSettings::check`].
+//!
 //! Every key carries its own algorithm allow-list, checked against the token header before any
 //! cryptography runs, so that a key of one family can never be used with another family's
 //! algorithm (the classic "HS256 with the RSA public key as secret" confusion).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +17,9 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Validation};
 use secrecy::ExposeSecret;
 
-use super::config::KeyFile;
+use super::settings::{CallerSettings, KeyMaterial, KeySettings};
+use super::verify::VerifiedCache;
+use super::CallerAuth;
 
 /// A key that can verify tokens, with the `Validation` built once for its allow-list.
 pub(crate) struct VerifyKey {
@@ -74,31 +78,6 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
-/// Parses an allow-list, refusing `none`, unknown names, mixed families and empty lists.
-pub(crate) fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
-    if names.is_empty() {
-        return Err("algorithms is empty; list the algorithms this key may verify".into());
-    }
-    let mut algorithms = Vec::with_capacity(names.len());
-    for name in names {
-        if name.eq_ignore_ascii_case("none") {
-            return Err("algorithm \"none\" is never accepted".into());
-        }
-        let algorithm = Algorithm::from_str(name)
-            .map_err(|_| format!("unknown algorithm {name:?} (e.g. HS256, RS256, ES256, EdDSA)"))?;
-        if !algorithms.contains(&algorithm) {
-            algorithms.push(algorithm);
-        }
-    }
-    let family = algorithms[0].family();
-    if algorithms.iter().any(|a| a.family() != family) {
-        return Err(format!(
-            "algorithms {names:?} mix key families; one key is HMAC or RSA or EC or EdDSA"
-        ));
-    }
-    Ok(algorithms)
-}
-
 /// Minimum HMAC secret length: RFC 7518 §3.2 asks for at least the hash output size.
 fn min_hmac_len(algorithms: &[Algorithm]) -> usize {
     algorithms
@@ -112,119 +91,101 @@ fn min_hmac_len(algorithms: &[Algorithm]) -> usize {
         .unwrap_or(32)
 }
 
-/// Builds a static key from its config entry; `Err` lists every problem with it.
-pub(crate) fn load_static_key(
-    file: &KeyFile,
-    base_dir: &Path,
-) -> Result<(VerifyKey, Option<SigningKey>), Vec<String>> {
-    let context = format!("callers.keys {:?}", file.kid);
-    let mut errors = Vec::new();
-    if file.kid.is_empty() {
-        errors.push("callers.keys: a key has an empty kid".to_owned());
+impl CallerAuth {
+    /// Reads what checked settings name: HMAC secrets (refusing ones shorter than their hash),
+    /// public key PEM files and the JWKS file. Returns every problem found, not just the first.
+    pub fn resolve(settings: CallerSettings) -> Result<CallerAuth, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut static_keys = Vec::with_capacity(settings.keys.len());
+        let mut signing_keys = Vec::new();
+        for key in &settings.keys {
+            match load_static_key(key) {
+                Ok((verify, signing)) => {
+                    static_keys.push(verify);
+                    signing_keys.extend(signing);
+                }
+                Err(err) => errors.push(err),
+            }
+        }
+        let jwks = settings.jwks.and_then(|jwks| {
+            let static_kids = settings.keys.iter().map(|k| k.kid.clone()).collect();
+            JwksSource::open(jwks.path, jwks.algorithms, jwks.poll_interval, static_kids)
+                .map_err(|err| errors.push(err))
+                .ok()
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(CallerAuth {
+            mode: settings.mode,
+            header: settings.header,
+            claim_rules: settings.claim_rules,
+            static_keys,
+            signing_keys,
+            jwks,
+            services: settings.services,
+            verified: VerifiedCache::new(),
+        })
     }
-    let algorithms = match parse_algorithms(&file.algorithms) {
-        Ok(algorithms) => Some(algorithms),
-        Err(err) => {
-            errors.push(format!("{context}: {err}"));
-            None
+}
+
+/// Reads one static key's material and builds its verifier (and signer, for HMAC).
+fn load_static_key(settings: &KeySettings) -> Result<(VerifyKey, Option<SigningKey>), String> {
+    let context = format!("callers.keys {:?}", settings.kid);
+    // `check` refuses an empty list; kept total rather than panicking.
+    let Some(&algorithm) = settings.algorithms.first() else {
+        return Err(format!("{context}: no algorithms"));
+    };
+    let (decoding, encoding) = match &settings.material {
+        KeyMaterial::Secret(secret) => {
+            // `check` already anchored a relative file to the config directory; joining it onto
+            // an empty base keeps it exactly as anchored.
+            let value = secret
+                .resolve_in(Path::new(""))
+                .map_err(|err| format!("{context}: {err}"))?;
+            let bytes = value.expose_secret().as_bytes();
+            let min = min_hmac_len(&settings.algorithms);
+            if bytes.len() < min {
+                return Err(format!(
+                    "{context}: HMAC secret from {secret} is shorter than {min} bytes"
+                ));
+            }
+            (
+                DecodingKey::from_secret(bytes),
+                Some(EncodingKey::from_secret(bytes)),
+            )
+        }
+        KeyMaterial::PublicKeyPem(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|err| format!("{context}: cannot read {}: {err}", path.display()))?;
+            let family = algorithm.family();
+            let decoded = match family {
+                AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
+                AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
+                AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
+                // `check` refuses a public key for HMAC; kept total rather than panicking.
+                AlgorithmFamily::Hmac => {
+                    Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
+                }
+            };
+            let key = decoded.map_err(|err| {
+                format!(
+                    "{context}: {} is not a {family:?} public key PEM: {err}",
+                    path.display()
+                )
+            })?;
+            (key, None)
         }
     };
-    let family = algorithms.as_ref().map(|a| a[0].family());
-    let material = match (&file.secret, &file.public_key_pem, family) {
-        (Some(_), Some(_), _) => {
-            errors.push(format!(
-                "{context}: set either secret (HMAC) or public_key_pem, not both"
-            ));
-            None
-        }
-        (None, None, _) => {
-            errors.push(format!("{context}: needs secret (HMAC) or public_key_pem"));
-            None
-        }
-        (Some(_), None, Some(f)) if f != AlgorithmFamily::Hmac => {
-            errors.push(format!(
-                "{context}: a secret can only verify HS256/HS384/HS512, not {:?}",
-                file.algorithms
-            ));
-            None
-        }
-        (None, Some(_), Some(AlgorithmFamily::Hmac)) => {
-            errors.push(format!(
-                "{context}: HMAC algorithms need a secret, not a public key"
-            ));
-            None
-        }
-        (_, _, None) => None,
-        (Some(secret), None, Some(_)) => match secret.resolve_in(base_dir) {
-            Ok(secret) => {
-                let bytes = secret.expose_secret().as_bytes();
-                let min = min_hmac_len(algorithms.as_deref().unwrap_or_default());
-                if bytes.len() < min {
-                    errors.push(format!(
-                        "{context}: HMAC secret from {} is shorter than {min} bytes",
-                        file.secret
-                            .as_ref()
-                            .map(|s| s.describe())
-                            .unwrap_or_default()
-                    ));
-                    None
-                } else {
-                    Some((
-                        DecodingKey::from_secret(bytes),
-                        Some(EncodingKey::from_secret(bytes)),
-                    ))
-                }
-            }
-            Err(err) => {
-                errors.push(format!("{context}: {err}"));
-                None
-            }
-        },
-        (None, Some(path), Some(family)) => {
-            let full = base_dir.join(path);
-            match std::fs::read(&full) {
-                Ok(pem) => {
-                    let decoded = match family {
-                        AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
-                        AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
-                        AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
-                        // Excluded by the arm above; kept total rather than panicking.
-                        AlgorithmFamily::Hmac => {
-                            Err(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat.into())
-                        }
-                    };
-                    match decoded {
-                        Ok(key) => Some((key, None)),
-                        Err(err) => {
-                            errors.push(format!(
-                                "{context}: {} is not a {family:?} public key PEM: {err}",
-                                full.display()
-                            ));
-                            None
-                        }
-                    }
-                }
-                Err(err) => {
-                    errors.push(format!("{context}: cannot read {}: {err}", full.display()));
-                    None
-                }
-            }
-        }
-    };
-    match (algorithms, material) {
-        (Some(algorithms), Some((decoding, encoding))) if errors.is_empty() => {
-            let signing = encoding.map(|key| SigningKey {
-                kid: file.kid.clone(),
-                algorithm: algorithms[0],
-                key,
-            });
-            Ok((
-                VerifyKey::new(file.kid.clone(), algorithms, decoding),
-                signing,
-            ))
-        }
-        _ => Err(errors),
-    }
+    let signing = encoding.map(|key| SigningKey {
+        kid: settings.kid.clone(),
+        algorithm,
+        key,
+    });
+    Ok((
+        VerifyKey::new(settings.kid.clone(), settings.algorithms.clone(), decoding),
+        signing,
+    ))
 }
 
 /// Identifies one version of the JWKS file cheaply (no read needed).

@@ -7,6 +7,8 @@ use http::Method;
 
 use super::config::ServiceFile;
 use super::rate::RateLimiter;
+use super::{AuthError, Caller};
+use crate::store::ConnectionKey;
 
 /// Which end users a service may act for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +119,12 @@ impl RoutePattern {
         Ok(RoutePattern { method, segments })
     }
 
+    /// Whether `method` and `path` (a request's path, without its query: the proxy splits the
+    /// target once, in `proxy::routes::split_target`) match this pattern.
     fn matches(&self, method: &Method, path: &str) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
         }
-        // The gateway passes the path without the query, but a stray one must not widen a match.
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -182,8 +184,10 @@ impl ServicePolicy {
     pub(crate) fn from_file(file: &ServiceFile, errors: &mut Vec<String>) -> Option<Self> {
         let before = errors.len();
         let context = format!("callers.services {:?}", file.name);
-        if file.name.is_empty() {
-            errors.push("callers.services: a service has an empty name".into());
+        // The name owns the service's one-time connections (`flow:<name>/<flow id>`), so it
+        // must be an id: a name no key can carry would break every flow after the consent.
+        if let Err(invalid) = ConnectionKey::flow(&file.name, "flow") {
+            errors.push(format!("{context}: name: {invalid}"));
         }
         if file.issuer.is_empty() {
             errors.push(format!("{context}: issuer is empty"));
@@ -275,6 +279,43 @@ impl ServicePolicy {
     }
 }
 
+impl Caller {
+    /// Allows `method` on `path` as sent (percent-encoding kept, without query) if a route
+    /// pattern matches; a path that would only match once decoded does not (fail closed).
+    pub fn authorize_route(&self, method: &Method, path: &str) -> Result<(), AuthError> {
+        if self.policy.allows_route(method, path) {
+            Ok(())
+        } else {
+            Err(AuthError::forbidden("route not allowed"))
+        }
+    }
+
+    /// Allows acting for `user_id` per the policy's `connections`.
+    pub fn authorize_user(&self, user_id: &str) -> Result<(), AuthError> {
+        let allowed = !user_id.is_empty()
+            && self.policy.users.iter().any(|rule| match rule {
+                UserRule::Any => true,
+                UserRule::Exact(id) => id == user_id,
+                UserRule::Prefix(prefix) => user_id.starts_with(prefix.as_str()),
+                UserRule::Claim(name) => self.claim(name) == Some(user_id),
+            });
+        if allowed {
+            Ok(())
+        } else {
+            Err(AuthError::forbidden("user not allowed"))
+        }
+    }
+
+    /// Allows starting the connect flow `flow_kind` (e.g. `"ongoing/access"`).
+    pub fn authorize_flow(&self, flow_kind: &str) -> Result<(), AuthError> {
+        if self.policy.allows_flow(flow_kind) {
+            Ok(())
+        } else {
+            Err(AuthError::forbidden("flow not allowed"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,7 +340,8 @@ mod tests {
         assert!(one.matches(&Method::GET, "/users/u1/accounts"));
         assert!(!one.matches(&Method::GET, "/users//accounts"));
         assert!(!one.matches(&Method::GET, "/users/u1/u2/accounts"));
-        assert!(one.matches(&Method::GET, "/users/u1/accounts?x=1"));
+        // Patterns match paths; a query is never part of one (and cannot widen a match).
+        assert!(!one.matches(&Method::GET, "/users/u1/accounts?x=1"));
 
         for bad in [
             "GET",

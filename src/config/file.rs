@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::secret::SecretRef;
+use crate::secret::SecretRef;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -30,11 +30,49 @@ pub struct ConfigFile {
     pub telemetry: TelemetryFile,
     #[serde(default)]
     pub server: ServerFile,
+    /// `[admin]`: the admin listener (probes, metrics, admin API).
+    #[serde(default)]
+    pub admin: AdminFile,
     /// `[callers]`: caller authentication and per-service policy (see `crate::callers`).
     #[serde(default)]
     pub callers: crate::callers::CallersFile,
     /// `[connect]`: connect flows through the gateway; absent means flows are closed.
     pub connect: Option<ConnectFile>,
+    /// `[events]`: connection events and the webhooks they are delivered to.
+    #[serde(default)]
+    pub events: EventsFile,
+}
+
+/// `[events]`: connection events (`reauth_required`, `revoked`, `recovered`, `near_lapse`) and
+/// their delivery to `[[events.webhooks]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsFile {
+    /// Announce a connection whose refresh token lapses within this many days (1–89).
+    pub near_lapse_days: Option<u64>,
+    /// One delivery attempt's time limit.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Attempts per event and webhook, the first included.
+    pub max_attempts: Option<u32>,
+    /// The pause after the first failed attempt (doubling after each further one) …
+    #[serde(default, with = "humantime_serde")]
+    pub retry_initial: Option<Duration>,
+    /// … up to this.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_max: Option<Duration>,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookFile>,
+}
+
+/// `[[events.webhooks]]`: where events are POSTed, and the key they are signed with.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    /// An http(s) URL.
+    pub url: Option<String>,
+    /// The HMAC-SHA256 key of `X-Finx-Signature` (at least 16 bytes).
+    pub secret: Option<SecretRef>,
 }
 
 /// `[connect]`: widget links, the callback and the code exchange.
@@ -51,8 +89,16 @@ pub struct ConnectFile {
     /// How long a started flow may take before its state expires.
     #[serde(default, with = "humantime_serde")]
     pub state_ttl: Option<Duration>,
-    /// Serve the demo page (`/demo`); only `finx-gateway demo` sets this.
-    pub demo_page: Option<bool>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Where the admin listener listens (default `127.0.0.1:9901`).
+    pub address: Option<String>,
+    /// The bearer credential `/admin/` requires; without it `/admin/` refuses everyone.
+    pub credential: Option<SecretRef>,
 }
 
 /// `[listener]`
@@ -97,6 +143,8 @@ pub struct StoreFile {
     /// The SQLite database file.
     pub path: Option<PathBuf>,
     pub encryption_key: Option<SecretRef>,
+    /// Keys that still decrypt during a key rotation (`encryption_key` seals every write).
+    pub previous_keys: Option<Vec<SecretRef>>,
     /// The PostgreSQL URL, `{ env = "VAR" }` or `{ file = "path" }` (it may hold a password).
     pub url: Option<SecretRef>,
     /// PostgreSQL connections this process opens at most.

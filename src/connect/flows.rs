@@ -1,4 +1,5 @@
-//! The finX connect flows (finx-api.md §4) and what each needs from the gateway.
+//! The finX connect flows (the nine `/onetime/*` and `/ongoing/*` kinds) and what each needs
+//! from the gateway.
 
 /// One flow-initiation endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,24 +8,28 @@
 //! callback must bring a state the gateway issued, for the flow it was issued for, once. With a
 //! shared store and a shared state key, a flow started on one replica completes on any other.
 
+pub mod callback;
 pub mod flows;
+pub mod settings;
 pub mod state;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use rand::distr::{Alphanumeric, SampleString};
 use secrecy::SecretString;
 use serde_json::{Map, Value};
 use url::Url;
 
-use crate::callers::Caller;
+use crate::callers::{AuthError, Caller};
 use crate::clock::Clock;
-use crate::config::ConnectConfig;
-use crate::error::GatewayError;
 use crate::store::{ConnectionKey, NewConnection, TokenStore};
 use crate::tokens::{TokenClient, TokenFailure, TokenManager};
+use callback::CallbackQuery;
 pub use flows::FlowKind;
+pub use settings::{ConnectSettings, RedirectRule};
 use state::{FlowState, StateError, StateSigner};
 
 /// The largest flow-initiation body the gateway reads.
@@ -53,7 +57,9 @@ pub struct Completion {
 
 /// Starts flows and completes callbacks.
 pub struct ConnectService {
-    settings: ConnectConfig,
+    settings: ConnectSettings,
+    /// `settings.allowed_redirects`, replaceable by a reload (SIGHUP).
+    allowed_redirects: ArcSwap<Vec<RedirectRule>>,
     signer: StateSigner,
     client: TokenClient,
     store: Arc<dyn TokenStore>,
@@ -61,20 +67,40 @@ pub struct ConnectService {
     clock: Arc<dyn Clock>,
 }
 
-fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> GatewayError {
-    GatewayError::BadRequest(message.into())
+/// Why a flow could not be started or completed. The error mapping (`src/error.rs`) turns each into the answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The request body or callback query is not what a flow needs.
+    #[error("{0}")]
+    BadRequest(Cow<'static, str>),
+    /// The callback's state is not one this gateway issued, or has expired.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The caller's policy does not allow the user, or the flow is another caller's.
+    #[error(transparent)]
+    Caller(#[from] AuthError),
+    /// finX could not be asked, or refused the gateway's request.
+    #[error(transparent)]
+    Upstream(#[from] TokenFailure),
+    /// Started flows cannot be read or written.
+    #[error("the token store is unavailable")]
+    Store,
+    /// A bug: logged where it happens.
+    #[error("internal error")]
+    Internal,
 }
 
-impl From<StateError> for GatewayError {
-    fn from(error: StateError) -> Self {
-        bad(error.to_string())
+impl ConnectError {
+    /// A request the flow cannot use, with `why` as the caller's message.
+    fn bad_request(why: impl Into<Cow<'static, str>>) -> Self {
+        Self::BadRequest(why.into())
     }
 }
 
 impl ConnectService {
     /// Builds the service; `tokens` is told about every connection a callback stores.
     pub fn new(
-        settings: ConnectConfig,
+        settings: ConnectSettings,
         client: TokenClient,
         store: Arc<dyn TokenStore>,
         tokens: TokenManager,
@@ -82,6 +108,7 @@ impl ConnectService {
     ) -> Self {
         Self {
             signer: StateSigner::new(&settings.state_key),
+            allowed_redirects: ArcSwap::from_pointee(settings.allowed_redirects.clone()),
             settings,
             client,
             store,
@@ -90,19 +117,14 @@ impl ConnectService {
         }
     }
 
+    /// Replaces the allowed return addresses (a reload); flows already started keep theirs.
+    pub fn replace_allowed_redirects(&self, rules: Vec<RedirectRule>) {
+        self.allowed_redirects.store(Arc::new(rules));
+    }
+
     /// The path the callback is served on.
     pub fn callback_path(&self) -> &str {
         &self.settings.callback_path
-    }
-
-    /// `scheme://host[:port]` of the callback URL: where browsers reach this gateway.
-    pub fn callback_origin(&self) -> String {
-        self.settings.callback_url.origin().ascii_serialization()
-    }
-
-    /// Whether the demo page is served.
-    pub fn demo_page(&self) -> bool {
-        self.settings.demo_page
     }
 
     /// Checks and rewrites a flow-initiation body, forwards it to finX and returns finX's answer.
@@ -111,43 +133,56 @@ impl ConnectService {
         kind: FlowKind,
         caller: &Caller,
         body: &[u8],
-    ) -> Result<UpstreamAnswer, GatewayError> {
+    ) -> Result<UpstreamAnswer, ConnectError> {
         let mut request: Map<String, Value> = match serde_json::from_slice(body) {
             Ok(Value::Object(object)) => object,
-            _ => return Err(bad("the flow request body must be a JSON object")),
+            _ => {
+                return Err(ConnectError::bad_request(
+                    "the flow request body must be a JSON object",
+                ))
+            }
         };
         let redirect_uri = match request.get("redirect_uri") {
             Some(Value::String(uri)) => uri.clone(),
-            Some(_) => return Err(bad("redirect_uri must be a string")),
+            Some(_) => return Err(ConnectError::bad_request("redirect_uri must be a string")),
             None => {
-                return Err(bad(
+                return Err(ConnectError::bad_request(
                     "redirect_uri is required (the gateway returns the user there)",
                 ))
             }
         };
-        let parsed = Url::parse(&redirect_uri).map_err(|_| bad("redirect_uri is not a URL"))?;
+        let parsed = Url::parse(&redirect_uri)
+            .map_err(|_| ConnectError::bad_request("redirect_uri is not a URL"))?;
         if !self
-            .settings
             .allowed_redirects
+            .load()
             .iter()
             .any(|rule| rule.allows(&parsed))
         {
-            return Err(bad("redirect_uri is not allowed by this gateway"));
+            return Err(ConnectError::bad_request(
+                "redirect_uri is not allowed by this gateway",
+            ));
         }
         let original_state = match request.get("state") {
             Some(Value::String(state)) => Some(state.clone()),
             None | Some(Value::Null) => None,
-            Some(_) => return Err(bad("state must be a string")),
+            Some(_) => return Err(ConnectError::bad_request("state must be a string")),
         };
         let user = match (kind.is_ongoing(), request.get("user_id")) {
             (true, Some(Value::String(user))) => {
                 ConnectionKey::user(user).map_err(|_| {
-                    bad("user_id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -")
+                    ConnectError::bad_request(
+                        "user_id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -",
+                    )
                 })?;
                 caller.authorize_user(user)?;
                 Some(user.clone())
             }
-            (true, _) => return Err(bad("user_id is required for ongoing flows")),
+            (true, _) => {
+                return Err(ConnectError::bad_request(
+                    "user_id is required for ongoing flows",
+                ))
+            }
             (false, _) => None,
         };
 
@@ -165,7 +200,7 @@ impl ConnectService {
         let signed = self
             .signer
             .sign(&state)
-            .map_err(|_| GatewayError::Internal)?;
+            .map_err(|_| ConnectError::Internal)?;
         request.insert(
             "redirect_uri".into(),
             Value::String(self.settings.callback_url.to_string()),
@@ -176,7 +211,7 @@ impl ConnectService {
             .client
             .post_json(&format!("/{}", kind.name()), &Value::Object(request))
             .await
-            .map_err(upstream_error)?;
+            .map_err(ConnectError::Upstream)?;
         if status == 201 {
             let flow_id = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -190,7 +225,7 @@ impl ConnectService {
                     .await
                     .map_err(|error| {
                         tracing::error!(%error, flow = kind.name(), "a started flow could not be stored; it cannot complete");
-                        GatewayError::StoreUnavailable
+                        ConnectError::Store
                     })?,
                 None => tracing::warn!(
                     flow = kind.name(),
@@ -217,35 +252,28 @@ impl ConnectService {
         &self,
         query: &str,
         caller: Option<&Caller>,
-    ) -> Result<Completion, GatewayError> {
-        let mut state_token = None;
-        let mut success = false;
-        let mut code: Option<SecretString> = None;
-        let mut flow_id = None;
-        let mut abort = None;
-        let mut cancel = None;
-        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*name {
-                "state" => state_token = Some(value.into_owned()),
-                "success" => success = value == "true",
-                "code" => code = Some(SecretString::from(value.into_owned())),
-                "flow_id" => flow_id = Some(value.into_owned()),
-                "abort" => abort = Some(value.into_owned()),
-                "cancel" => cancel = Some(value.into_owned()),
-                _ => {}
-            }
-        }
-        let state_token = state_token.ok_or_else(|| bad("the callback carries no state"))?;
+    ) -> Result<Completion, ConnectError> {
+        let CallbackQuery {
+            state: state_token,
+            success,
+            code,
+            flow_id,
+            abort,
+            cancel,
+        } = CallbackQuery::parse(query).map_err(ConnectError::bad_request)?;
+        let state_token = state_token
+            .ok_or_else(|| ConnectError::bad_request("the callback carries no state"))?;
         let state = self.signer.verify(&state_token, self.clock.now())?;
         if let Some(caller) = caller {
             if caller.service() != state.svc {
-                return Err(GatewayError::CallerForbidden(
-                    "the flow was started by another caller",
-                ));
+                return Err(AuthError::Forbidden {
+                    reason: "the flow was started by another caller",
+                }
+                .into());
             }
         }
         let kind =
-            FlowKind::from_path(&format!("/{}", state.kind)).ok_or(GatewayError::Internal)?;
+            FlowKind::from_path(&format!("/{}", state.kind)).ok_or(ConnectError::Internal)?;
         // Single use, and bound to the flow finX started for it: the first callback with this
         // state takes its entry, even if it then fails.
         let started_flow = self
@@ -254,11 +282,15 @@ impl ConnectService {
             .await
             .map_err(|error| {
                 tracing::error!(%error, "started flows cannot be read");
-                GatewayError::StoreUnavailable
+                ConnectError::Store
             })?
-            .ok_or_else(|| bad("the flow state is unknown or was already used"))?;
+            .ok_or_else(|| {
+                ConnectError::bad_request("the flow state is unknown or was already used")
+            })?;
         if flow_id.as_deref().is_some_and(|id| id != started_flow) {
-            return Err(bad("flow_id does not belong to this flow state"));
+            return Err(ConnectError::bad_request(
+                "flow_id does not belong to this flow state",
+            ));
         }
         let flow_id = Some(started_flow);
 
@@ -270,7 +302,7 @@ impl ConnectService {
         if success {
             outcome = self.finish(kind, &state, code, flow_id.as_deref()).await;
         }
-        let mut redirect = Url::parse(&state.ru).map_err(|_| GatewayError::Internal)?;
+        let mut redirect = Url::parse(&state.ru).map_err(|_| ConnectError::Internal)?;
         {
             let mut pairs = redirect.query_pairs_mut();
             if let Some(original) = &state.st {
@@ -385,20 +417,6 @@ impl Outcome {
             success: false,
             connection: None,
             error: Some(error),
-        }
-    }
-}
-
-fn upstream_error(failure: TokenFailure) -> GatewayError {
-    match failure {
-        TokenFailure::Timeout => GatewayError::UpstreamTimeout {
-            retry_after_secs: 1,
-        },
-        TokenFailure::Unavailable {
-            retry_after_secs, ..
-        } => GatewayError::UpstreamUnavailable { retry_after_secs },
-        TokenFailure::InvalidGrant | TokenFailure::Rejected(_) => {
-            GatewayError::GatewayMisconfigured
         }
     }
 }

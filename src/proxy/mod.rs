@@ -3,12 +3,15 @@
 //! [`respond`]. All async work happens once per request, in `request_filter`.
 
 pub mod headers;
+pub mod host;
+mod path;
 pub mod respond;
 pub mod routes;
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -20,6 +23,7 @@ use crate::callers::{Caller, CallerAuth};
 use crate::clock::{Clock, SystemClock};
 use crate::connect::{ConnectService, FlowKind, MAX_FLOW_BODY};
 use crate::error::GatewayError;
+use crate::metrics::{CallerDecision, Metrics};
 use crate::store::ConnectionKey;
 use crate::tokens::{Credential, TokenManager};
 use routes::Route;
@@ -32,7 +36,8 @@ pub struct FinxProxy {
 /// Everything the proxy is built from, prepared once at start-up.
 pub struct ProxyParts {
     pub tokens: TokenManager,
-    pub callers: Arc<CallerAuth>,
+    /// Caller authentication and policies; replaced whole by a reload (SIGHUP).
+    pub callers: Arc<ArcSwap<CallerAuth>>,
     /// Built once: resolved address, TLS, SNI, timeouts.
     pub peer: HttpPeer,
     pub host: HeaderValue,
@@ -45,6 +50,8 @@ pub struct ProxyParts {
     pub connect: Option<Arc<ConnectService>>,
     /// Request bodies up to this size may be replayed after a finX 401.
     pub replay_body_limit: usize,
+    /// Where requests and caller decisions are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What one request learned on its way through the phases.
@@ -52,6 +59,9 @@ pub struct RequestCtx {
     started: Instant,
     route: Option<Route>,
     caller: Option<Caller>,
+    /// The caller settings this request was admitted under: a reload meanwhile must not change
+    /// which credential header is stripped before finX.
+    callers: Option<Arc<CallerAuth>>,
     connection: Option<ConnectionKey>,
     credential: Option<Credential>,
     upstream_started: Option<Instant>,
@@ -85,7 +95,7 @@ impl FinxProxy {
         let request = session.req_header();
         // Judge the request target as received (pingora's raw target), not the parsed URI,
         // which a target such as `\auth\token` does not even produce.
-        let path = routes::request_path(request.raw_path())?;
+        let path = routes::split_target(request.raw_path())?.path;
         let callback_path = parts
             .connect
             .as_ref()
@@ -105,14 +115,19 @@ impl FinxProxy {
                 self.browser_callback(session).await?;
                 return Ok(true);
             }
-            Route::Demo => return crate::demo::page::serve(session, parts).await,
             _ => {}
         }
 
+        // Without a credential to check, a page that rebound its name to 127.0.0.1 must not
+        // pass for a local caller: only loopback host names are answered.
+        let callers = parts.callers.load_full();
+        ctx.callers = Some(callers.clone());
+        if callers.is_trusted_local() {
+            host::require_loopback_host(&request.headers, &request.uri)
+                .map_err(GatewayError::CallerForbidden)?;
+        }
         // Caller JWTs are judged by the wall clock, not the token clock tests may move.
-        let caller = parts
-            .callers
-            .authenticate(&request.headers, SystemClock.now())?;
+        let caller = callers.authenticate(&request.headers, SystemClock.now())?;
         ctx.caller = Some(caller.clone());
         caller.check_rate()?;
         match route {
@@ -136,7 +151,7 @@ impl FinxProxy {
                 caller.authorize_route(&request.method, path)?;
                 Ok(false)
             }
-            Route::Health | Route::Demo => Err(GatewayError::Internal),
+            Route::Health => Err(GatewayError::Internal),
         }
     }
 
@@ -159,8 +174,8 @@ impl FinxProxy {
     ) -> Result<(), GatewayError> {
         let connect = self.connect()?;
         if session.req_header().method != Method::POST {
-            return Err(GatewayError::BadRequest(
-                "connect flows are started with POST".into(),
+            return Err(GatewayError::bad_request(
+                "connect flows are started with POST",
             ));
         }
         caller.authorize_flow(kind.name())?;
@@ -180,7 +195,9 @@ impl FinxProxy {
     /// caller's own `redirect_uri`.
     async fn browser_callback(&self, session: &mut Session) -> Result<(), GatewayError> {
         let connect = self.connect()?;
-        let query = query_of(session.req_header().raw_path())?.to_owned();
+        let query = routes::split_target(session.req_header().raw_path())?
+            .query
+            .to_owned();
         let completion = connect.complete(&query, None).await?;
         respond::send_redirect(session, completion.redirect.as_str())
             .await
@@ -195,11 +212,13 @@ impl FinxProxy {
         caller: &Caller,
     ) -> Result<(), GatewayError> {
         let connect = self.connect()?;
-        let mut query = query_of(session.req_header().raw_path())?.to_owned();
+        let mut query = routes::split_target(session.req_header().raw_path())?
+            .query
+            .to_owned();
         if query.is_empty() {
             let body = read_body(session, MAX_FLOW_BODY).await?;
             query = String::from_utf8(body)
-                .map_err(|_| GatewayError::BadRequest("the callback body is not UTF-8".into()))?;
+                .map_err(|_| GatewayError::bad_request("the callback body is not UTF-8"))?;
         }
         let completion = connect.complete(query.trim(), Some(caller)).await?;
         let body = serde_json::json!({
@@ -227,19 +246,19 @@ impl FinxProxy {
                 return Ok(None);
             };
             if values.next().is_some() {
-                return Err(GatewayError::BadRequest(
-                    format!("{name} must be sent once").into(),
-                ));
+                return Err(GatewayError::bad_request(format!(
+                    "{name} must be sent once"
+                )));
             }
             first
                 .to_str()
                 .map(Some)
-                .map_err(|_| GatewayError::BadRequest(format!("{name} is not ASCII").into()))
+                .map_err(|_| GatewayError::bad_request(format!("{name} is not ASCII")))
         };
         let invalid = |name: &HeaderName| {
-            GatewayError::BadRequest(
-                format!("{name}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -").into(),
-            )
+            GatewayError::bad_request(format!(
+                "{name}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ @ -"
+            ))
         };
         let (user_header, flow_header) = (&self.parts.user_header, &self.parts.flow_header);
         match (single(user_header)?, single(flow_header)?) {
@@ -251,12 +270,12 @@ impl FinxProxy {
             (None, Some(flow)) => {
                 ConnectionKey::flow(caller.service(), flow).map_err(|_| invalid(flow_header))
             }
-            (Some(_), Some(_)) => Err(GatewayError::BadRequest(
-                format!("send either {user_header} or {flow_header}, not both").into(),
-            )),
-            (None, None) => Err(GatewayError::BadRequest(
-                format!("{user_header} or {flow_header} is required for /rest").into(),
-            )),
+            (Some(_), Some(_)) => Err(GatewayError::bad_request(format!(
+                "send either {user_header} or {flow_header}, not both"
+            ))),
+            (None, None) => Err(GatewayError::bad_request(format!(
+                "{user_header} or {flow_header} is required for /rest"
+            ))),
         }
     }
 
@@ -266,9 +285,9 @@ impl FinxProxy {
         match (error.esource(), error.etype()) {
             // The caller went away or sent garbage: nothing useful can be written back.
             (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
-            (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest(
-                "the request could not be read".into(),
-            )),
+            (ErrorSource::Downstream, _) => {
+                Some(GatewayError::bad_request("the request could not be read"))
+            }
             (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
                 Some(GatewayError::UpstreamTimeout {
                     retry_after_secs: 1,
@@ -304,11 +323,26 @@ fn replayable(request: &RequestHeader, body_limit: usize) -> bool {
     !chunked && length.unwrap_or(0) <= body_limit
 }
 
-/// The query string of a raw request target ("" when there is none).
-fn query_of(raw_target: &[u8]) -> Result<&str, GatewayError> {
-    let target = std::str::from_utf8(raw_target)
-        .map_err(|_| GatewayError::BadRequest("the request target is not UTF-8".into()))?;
-    Ok(target.split_once('?').map_or("", |(_, query)| query))
+/// Keeps the caller's `X-Request-Id` when it is a plausible id (1 to 128 visible ASCII
+/// characters, sent once); otherwise gives the request a new random one. Either way the id is
+/// in the request header from here on: forwarded to finX, echoed on the answer, logged.
+fn ensure_request_id(session: &mut Session) -> Result<()> {
+    let headers = &session.req_header().headers;
+    let mut sent = headers.get_all(respond::REQUEST_ID).iter();
+    let usable = match (sent.next(), sent.next()) {
+        (Some(id), None) => {
+            let bytes = id.as_bytes();
+            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+        }
+        _ => false,
+    };
+    if !usable {
+        let id = format!("{:032x}", rand::random::<u128>());
+        session
+            .req_header_mut()
+            .insert_header(respond::REQUEST_ID, id)?;
+    }
+    Ok(())
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes.
@@ -317,12 +351,12 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Gatew
     while let Some(chunk) = session
         .read_request_body()
         .await
-        .map_err(|_| GatewayError::BadRequest("the request body could not be read".into()))?
+        .map_err(|_| GatewayError::bad_request("the request body could not be read"))?
     {
         if body.len() + chunk.len() > limit {
-            return Err(GatewayError::BadRequest(
-                format!("the request body is larger than {limit} bytes").into(),
-            ));
+            return Err(GatewayError::bad_request(format!(
+                "the request body is larger than {limit} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }
@@ -339,6 +373,7 @@ impl ProxyHttp for FinxProxy {
             started: Instant::now(),
             route: None,
             caller: None,
+            callers: None,
             connection: None,
             credential: None,
             upstream_started: None,
@@ -350,11 +385,13 @@ impl ProxyHttp for FinxProxy {
         }
     }
 
-    /// Runs once per request, before anything goes upstream: normalises and classifies the path,
-    /// answers the gateway's own endpoints, resolves the connection and awaits its credential
-    /// (cache hit, stored token or the shared refresh). Returns `Ok(true)` when the gateway has
-    /// answered (health, or a JSON error), `Ok(false)` to proxy.
+    /// Runs once per request, before anything goes upstream: gives the request its id (the
+    /// caller's `X-Request-Id`, or a new one), normalises and classifies the path, answers the
+    /// gateway's own endpoints, resolves the connection and awaits its credential (cache hit,
+    /// stored token or the shared refresh). Returns `Ok(true)` when the gateway has answered
+    /// (health, or a JSON error), `Ok(false)` to proxy.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ensure_request_id(session)?;
         match self.admit(session, ctx).await {
             Ok(answered) => Ok(answered),
             Err(error) => {
@@ -395,11 +432,15 @@ impl ProxyHttp for FinxProxy {
                 "no credential for an upstream request",
             ));
         }
+        let callers = match &ctx.callers {
+            Some(callers) => callers.clone(),
+            None => self.parts.callers.load_full(),
+        };
         headers::rewrite_for_upstream(
             upstream_request,
             &self.parts.host,
             &self.parts.path_prefix,
-            self.parts.callers.credential_header(),
+            callers.credential_header(),
             credential,
         )
     }
@@ -442,6 +483,16 @@ impl ProxyHttp for FinxProxy {
         );
         replay.set_retry(true);
         Err(replay)
+    }
+
+    /// Runs on finX's response header on its way to the caller: returns the request's id.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        respond::echo_request_id(session, upstream_response)
     }
 
     /// Decides whether a failed upstream attempt is tried again. The gateway's own replay after
@@ -505,24 +556,50 @@ impl ProxyHttp for FinxProxy {
         )
     }
 
-    /// Runs last for every request: one access (and audit) line, never a secret.
+    /// Runs last for every request: counts it in the metrics and writes one access (and audit)
+    /// line, never a secret.
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
         let request = session.req_header();
+        let route = ctx.route.map_or("-", Route::as_str);
+        let upstream_secs = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64());
+        let total_secs = ctx.started.elapsed().as_secs_f64();
+        let metrics = &self.parts.metrics;
+        metrics.record_request(
+            route,
+            Metrics::method_label(&request.method),
+            status,
+            upstream_secs,
+            total_secs,
+        );
+        match ctx.gateway_error {
+            Some("caller_unauthenticated") => {
+                metrics.record_caller(CallerDecision::Unauthenticated)
+            }
+            Some("caller_forbidden") => metrics.record_caller(CallerDecision::Forbidden),
+            Some("caller_rate_limited") => metrics.record_caller(CallerDecision::RateLimited),
+            _ if ctx.caller.is_some() => metrics.record_caller(CallerDecision::Allowed),
+            _ => {}
+        }
         tracing::info!(
             target: "finx_gateway::access",
+            request_id = request
+                .headers
+                .get(respond::REQUEST_ID)
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or("-"),
             method = %request.method,
-            route = ctx.route.map_or("-", Route::as_str),
+            route,
             service = ctx.caller.as_ref().map_or("-", Caller::service),
             caller_iss = ctx.caller.as_ref().map_or("-", Caller::iss),
             caller_sub = ctx.caller.as_ref().map_or("-", Caller::sub),
             connection = ctx.connection.as_ref().map_or("-", ConnectionKey::as_str),
             status,
             upstream_status = ctx.upstream_status.unwrap_or(0),
-            upstream_ms = ctx.upstream_started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
-            total_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+            upstream_ms = upstream_secs.unwrap_or(0.0) * 1e3,
+            total_ms = total_secs * 1e3,
             token = ctx.credential.as_ref().map_or("-", |c| c.source.as_str()),
             replayed = ctx.replayed,
             error = ctx.gateway_error.unwrap_or("-"),

@@ -1,4 +1,4 @@
-//! Writes the gateway's own answers: JSON errors (DESIGN.md §4) and the health answer.
+//! Writes the gateway's own answers: JSON errors (shaped by `crate::error`) and the health answer.
 
 use bytes::Bytes;
 use http::header::{
@@ -11,7 +11,18 @@ use pingora::Result;
 
 use crate::error::GatewayError;
 
-/// Sends `error` as the JSON body of DESIGN.md §4.
+/// The request id header: taken from the caller or generated, sent to finX, returned.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Copies the request's id (set in `request_filter`) onto an answer.
+pub fn echo_request_id(session: &Session, header: &mut ResponseHeader) -> Result<()> {
+    if let Some(id) = session.req_header().headers.get(REQUEST_ID) {
+        header.insert_header(REQUEST_ID, id.clone())?;
+    }
+    Ok(())
+}
+
+/// Sends `error` as its JSON body (`{"error": {"code", "message"}}`).
 pub async fn send_error(session: &mut Session, error: &GatewayError) -> Result<()> {
     let mut header = ResponseHeader::build(error.status(), Some(5))?;
     if let Some(seconds) = error.retry_after_secs() {
@@ -49,6 +60,7 @@ pub async fn send_redirect(session: &mut Session, location: &str) -> Result<()> 
     header.insert_header(LOCATION, location)?;
     header.insert_header(CACHE_CONTROL, "no-store")?;
     header.insert_header(CONTENT_LENGTH, 0)?;
+    echo_request_id(session, &mut header)?;
     session.write_response_header(Box::new(header), true).await
 }
 
@@ -64,6 +76,7 @@ pub async fn send_upstream_answer(
         header.insert_header(CONTENT_TYPE, content_type)?;
     }
     header.insert_header(CONTENT_LENGTH, body.len())?;
+    echo_request_id(session, &mut header)?;
     session
         .write_response_header(Box::new(header), false)
         .await?;
@@ -75,6 +88,7 @@ pub async fn send_html(session: &mut Session, status: StatusCode, body: String) 
     let mut header = ResponseHeader::build(status, Some(3))?;
     header.insert_header(CONTENT_TYPE, "text/html; charset=utf-8")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;
+    echo_request_id(session, &mut header)?;
     session
         .write_response_header(Box::new(header), false)
         .await?;
@@ -86,6 +100,7 @@ pub async fn send_html(session: &mut Session, status: StatusCode, body: String) 
 async fn send(session: &mut Session, mut header: ResponseHeader, body: Bytes) -> Result<()> {
     header.insert_header(CONTENT_TYPE, "application/json")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;
+    echo_request_id(session, &mut header)?;
     session
         .write_response_header(Box::new(header), false)
         .await?;

@@ -1,11 +1,12 @@
-//! The route table (DESIGN.md §3) and the one place paths are decoded and judged.
+//! The route table (the README's "Routes") and the one place paths are decoded and judged.
 //!
 //! Two readings of every path are taken. The *canonical* reading decodes, folds case, turns `\`
 //! into `/` and resolves dot segments the way the most lenient server would; if it names
 //! `/auth`, the request is refused whatever its spelling. Otherwise a path whose meaning depends
 //! on who decodes it (encoded `/`, `\`, `.` or `%`, NUL, `//`, dot segments, control bytes) is
-//! refused as ambiguous; what remains is classified on its once-decoded form and forwarded as
-//! it came, so finX decodes exactly what was classified.
+//! refused as ambiguous, and so is any `;` and any segment a lenient server reads as a dot
+//! segment (see [`super::path`]); what remains is classified on its once-decoded form and
+//! forwarded as it came, so finX decodes exactly what was classified.
 
 use std::borrow::Cow;
 
@@ -27,8 +28,6 @@ pub enum Route {
     Flow(FlowKind),
     /// The gateway's callback (path configurable).
     Callback,
-    /// The demo page (`/demo`, `/demo/*`), served in demo mode only.
-    Demo,
 }
 
 impl Route {
@@ -40,18 +39,30 @@ impl Route {
             Self::Health => "health",
             Self::Flow(_) => "connect_flow",
             Self::Callback => "callback",
-            Self::Demo => "demo",
         }
     }
 }
 
 const AUTH_FORBIDDEN: &str = "the finX /auth endpoints are closed to callers";
 
-/// The path part of a raw request target, as UTF-8.
-pub fn request_path(raw_target: &[u8]) -> Result<&str, GatewayError> {
-    let target =
-        std::str::from_utf8(raw_target).map_err(|_| bad("the request target is not UTF-8"))?;
-    Ok(target.split(['?', '#']).next().unwrap_or_default())
+/// A raw request target, split once: the path (still percent-encoded) and the query ("" when
+/// there is none). A fragment, which a client should never send, is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub path: &'a str,
+    pub query: &'a str,
+}
+
+/// Splits a raw request target (pingora's, as received) into path and query. The one place a
+/// target is split: routing judges its `path`, the callback reads its `query`.
+pub fn split_target(raw_target: &[u8]) -> Result<Target<'_>, GatewayError> {
+    let target = std::str::from_utf8(raw_target)
+        .map_err(|_| GatewayError::bad_request("the request target is not UTF-8"))?;
+    let without_fragment = target.split_once('#').map_or(target, |(before, _)| before);
+    let (path, query) = without_fragment
+        .split_once('?')
+        .unwrap_or((without_fragment, ""));
+    Ok(Target { path, query })
 }
 
 /// Judges a request path (the raw target's path, still percent-encoded).
@@ -66,9 +77,6 @@ pub fn classify(raw_path: &str, callback_path: &str) -> Result<Route, GatewayErr
     }
     if path == callback_path {
         return Ok(Route::Callback);
-    }
-    if is_under(path, "/demo") {
-        return Ok(Route::Demo);
     }
     if path == "/rest" || path.starts_with("/rest/") {
         return Ok(Route::UserData);
@@ -85,11 +93,6 @@ pub fn classify(raw_path: &str, callback_path: &str) -> Result<Route, GatewayErr
         return Ok(Route::Flow(kind));
     }
     Err(GatewayError::RouteNotFound)
-}
-
-fn is_under(path: &str, prefix: &str) -> bool {
-    path.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The lenient reading: does any plausible decoding of this path reach `/auth`?
@@ -133,61 +136,94 @@ fn first_segment(path: &str) -> Option<String> {
     segments.first().map(|s| (*s).to_owned())
 }
 
-fn bad(why: &'static str) -> GatewayError {
-    GatewayError::BadRequest(Cow::Borrowed(why))
-}
-
 /// Decodes a path once, refusing every spelling whose meaning depends on the decoder.
 fn decode_unambiguous(raw_path: &str) -> Result<Cow<'_, str>, GatewayError> {
     if !raw_path.starts_with('/') {
-        return Err(bad("the request path must start with /"));
+        return Err(GatewayError::bad_request(
+            "the request path must start with /",
+        ));
     }
     let bytes = raw_path.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .ok_or(bad("truncated percent-encoding in path"))?;
+                let hex = bytes.get(i + 1..i + 3).ok_or(GatewayError::bad_request(
+                    "truncated percent-encoding in path",
+                ))?;
                 let value = std::str::from_utf8(hex)
                     .ok()
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or(bad("invalid percent-encoding in path"))?;
-                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';')
+                    .ok_or(GatewayError::bad_request(
+                        "invalid percent-encoding in path",
+                    ))?;
+                // `?` and `#` too: a server that decodes before it splits off the query would
+                // serve a shorter path than the one classified.
+                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';' | b'?' | b'#')
                     || value < 0x20
                     || value == 0x7f
                 {
-                    return Err(bad(
-                        "the path encodes a separator, dot, percent or control byte",
+                    return Err(GatewayError::bad_request(
+                        "the path encodes a separator, dot, percent, '?', '#' or control byte",
                     ));
                 }
                 i += 3;
             }
-            b'\\' => return Err(bad("backslashes are not allowed in paths")),
-            b if b < 0x20 || b == 0x7f => {
-                return Err(bad("control bytes are not allowed in paths"))
+            b'\\' => {
+                return Err(GatewayError::bad_request(
+                    "backslashes are not allowed in paths",
+                ))
+            }
+            b if b <= b' ' || b == 0x7f => {
+                return Err(GatewayError::bad_request(
+                    "control bytes and spaces are not allowed in paths",
+                ))
             }
             _ => i += 1,
         }
     }
     if raw_path.contains("//") {
-        return Err(bad("empty path segments (//) are not allowed"));
+        return Err(GatewayError::bad_request(
+            "empty path segments (//) are not allowed",
+        ));
     }
     if raw_path
         .split('/')
         .any(|segment| segment == "." || segment == "..")
     {
-        return Err(bad("dot segments are not allowed in paths"));
+        return Err(GatewayError::bad_request(
+            "dot segments are not allowed in paths",
+        ));
     }
+    // `;`, dot segments in lenient spellings (`..;`, `..%20`), Unicode that folds to ASCII.
+    super::path::check_segments(raw_path).map_err(GatewayError::bad_request)?;
     percent_decode_str(raw_path)
         .decode_utf8()
-        .map_err(|_| bad("the path does not decode to UTF-8"))
+        .map_err(|_| GatewayError::bad_request("the path does not decode to UTF-8"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_is_split_once_into_path_and_query() {
+        fn split(raw: &str) -> Target<'_> {
+            split_target(raw.as_bytes()).unwrap()
+        }
+        assert_eq!(
+            split("/callback?code=a&state=b"),
+            Target {
+                path: "/callback",
+                query: "code=a&state=b"
+            }
+        );
+        assert_eq!(split("/rest/accounts").query, "");
+        assert_eq!(split("/a?b=1#frag").query, "b=1");
+        assert_eq!(split("/a#frag?b=1").path, "/a");
+        assert_eq!(split("/a#frag?b=1").query, "");
+        assert!(split_target(&[b'/', 0xff]).is_err());
+    }
 
     fn classify_default(path: &str) -> Result<Route, GatewayError> {
         classify(path, "/callback")
@@ -230,7 +266,10 @@ mod tests {
         );
         assert_eq!(classify_default("/callback"), Ok(Route::Callback));
         assert_eq!(classify("/gw/cb", "/gw/cb"), Ok(Route::Callback));
-        assert_eq!(classify_default("/demo/done"), Ok(Route::Demo));
+        assert_eq!(
+            classify_default("/demo/done"),
+            Err(GatewayError::RouteNotFound)
+        );
     }
 
     #[test]
@@ -281,6 +320,9 @@ mod tests {
             "/rest/%25",
             "rest/accounts",
             "/rest/\u{7f}",
+            "/rest/accounts/a%3F/transactions",
+            "/rest/accounts/a%23x",
+            "/rest/a b",
         ] {
             assert!(
                 matches!(classify_default(path), Err(GatewayError::BadRequest(_))),

@@ -21,7 +21,7 @@ const BIC: &str = "SIMBDEMMXXX";
 const HISTORY_DAYS: i64 = 180;
 
 /// The fixed "today" of all generated data; keeps data identical whatever the clock says.
-fn base_date() -> Date {
+pub(crate) fn base_date() -> Date {
     Date::from_calendar_date(2025, Month::June, 30).unwrap_or(Date::MIN)
 }
 
@@ -197,7 +197,7 @@ fn german_iban(account_number: u64) -> String {
     format!("DE{:02}{bban}", 98 - remainder)
 }
 
-fn round_cents(value: f64) -> f64 {
+pub(crate) fn round_cents(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
 
@@ -424,6 +424,7 @@ impl OwnerData {
     }
 
     /// Counterparties of the transactions (optionally of one account), busiest first.
+    /// Their ids are [`payment_partner_id`]s.
     pub(crate) fn payment_partners(&self, account_id: Option<&str>) -> Vec<Value> {
         let mut partners: BTreeMap<&str, (u64, f64, Vec<&str>)> = BTreeMap::new();
         for tx in self.scoped(account_id) {
@@ -438,7 +439,7 @@ impl OwnerData {
             .into_iter()
             .map(|(name, (count, total, accounts))| {
                 json!({
-                    "id": format!("P{:08x}", stable_hash(name) as u32),
+                    "id": payment_partner_id(name),
                     "name": name,
                     "iban": german_iban(stable_hash(name) % 9_000_000_000 + 1_000_000_000),
                     "transaction_count": count,
@@ -476,71 +477,39 @@ impl OwnerData {
             .collect()
     }
 
-    /// Income, expenses and net per period; `frequency` is `monthly` (default), `weekly` or
-    /// `daily`; `since`/`until` are inclusive ISO dates; `accounts` restricts the accounts.
-    pub(crate) fn timeline(
-        &self,
-        frequency: &str,
-        since: Option<&str>,
-        until: Option<&str>,
-        accounts: Option<&[String]>,
-    ) -> Vec<Value> {
-        let mut periods: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        for tx in self.transactions() {
-            if accounts.is_some_and(|ids| !ids.contains(&tx.account_id))
-                || since.is_some_and(|since| tx.booking_date.as_str() < since)
-                || until.is_some_and(|until| tx.booking_date.as_str() > until)
-            {
-                continue;
-            }
-            let period = match frequency {
-                "daily" => tx.booking_date.clone(),
-                "weekly" => week_of(&tx.booking_date),
-                _ => tx.booking_date.get(..7).unwrap_or_default().to_owned(),
-            };
-            let entry = periods.entry(period).or_default();
-            if tx.amount >= 0.0 {
-                entry.0 += tx.amount;
-            } else {
-                entry.1 += tx.amount;
-            }
-        }
-        periods
-            .into_iter()
-            .map(|(period, (income, expenses))| {
-                json!({
-                    "period": period,
-                    "income": round_cents(income),
-                    "expenses": round_cents(expenses),
-                    "net": round_cents(income + expenses),
-                    "currency": "EUR",
-                })
-            })
-            .collect()
-    }
-
-    /// Monthly income and spending summary over `months` months (income report).
-    pub(crate) fn income_summary(&self, months: u32) -> Value {
-        let (income, expenses) =
-            self.transactions()
+    /// Income, expenses and net per period, over all selected accounts (`timeline`) and for
+    /// each selected account on its own (`accounts`, one entry per account even without
+    /// transactions), as `(timeline, accounts)`.
+    pub(crate) fn timeline(&self, query: &TimelineQuery<'_>) -> (Vec<Value>, Vec<Value>) {
+        let selected: Vec<&Transaction> = self
+            .transactions()
+            .iter()
+            .filter(|tx| query.covers(tx))
+            .collect();
+        let totals = periods(selected.iter().copied(), query.frequency);
+        let accounts =
+            self.accounts
                 .iter()
-                .fold((0.0, 0.0), |(income, expenses), tx| {
-                    if tx.amount >= 0.0 {
-                        (income + tx.amount, expenses)
-                    } else {
-                        (income, expenses + tx.amount)
-                    }
-                });
-        let history_months = (HISTORY_DAYS as f64) / 30.0;
-        let monthly_income = round_cents(income / history_months);
-        let monthly_expenses = round_cents(expenses / history_months);
-        json!({
-            "reporting_period": months,
-            "currency": "EUR",
-            "income": { "monthly_average": monthly_income, "sources": [{ "name": "ACME GmbH", "category": category(11) }] },
-            "expenses": { "monthly_average": monthly_expenses },
-            "disposable_income": { "monthly_average": round_cents(monthly_income + monthly_expenses) },
-        })
+                .filter(|account| {
+                    query.accounts.as_ref().is_none_or(|ids| {
+                        ids.iter()
+                            .any(|id| account["account_id"].as_str() == Some(id.as_str()))
+                    })
+                })
+                .map(|account| {
+                    let own = selected.iter().copied().filter(|tx| {
+                        account["account_id"].as_str() == Some(tx.account_id.as_str())
+                    });
+                    json!({
+                        "account_id": account["account_id"],
+                        "name": account["name"],
+                        "iban": account["iban"],
+                        "currency": account["currency"],
+                        "timeline": periods(own, query.frequency),
+                    })
+                })
+                .collect();
+        (totals, accounts)
     }
 
     /// A risk score in 0..=1000 derived from the data.
@@ -553,6 +522,117 @@ impl OwnerData {
             .iter()
             .filter(move |tx| account_id.is_none_or(|id| tx.account_id == id))
     }
+}
+
+/// The sampling of a timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Frequency {
+    Daily,
+    Weekly,
+    Monthly,
+    Quarterly,
+    Yearly,
+}
+
+impl Frequency {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        match text {
+            "daily" => Some(Frequency::Daily),
+            "weekly" => Some(Frequency::Weekly),
+            "monthly" => Some(Frequency::Monthly),
+            "quarterly" => Some(Frequency::Quarterly),
+            "yearly" => Some(Frequency::Yearly),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Frequency::Daily => "daily",
+            Frequency::Weekly => "weekly",
+            Frequency::Monthly => "monthly",
+            Frequency::Quarterly => "quarterly",
+            Frequency::Yearly => "yearly",
+        }
+    }
+
+    /// The period an ISO date falls in: `2025-06-30`, `2025-W27`, `2025-06`, `2025-Q2`, `2025`.
+    fn period_of(self, iso_date: &str) -> String {
+        let year = iso_date.get(..4).unwrap_or_default();
+        match self {
+            Frequency::Daily => iso_date.to_owned(),
+            Frequency::Weekly => week_of(iso_date),
+            Frequency::Monthly => iso_date.get(..7).unwrap_or_default().to_owned(),
+            Frequency::Quarterly => {
+                let month: u32 = iso_date.get(5..7).and_then(|m| m.parse().ok()).unwrap_or(1);
+                format!("{year}-Q{}", (month.saturating_sub(1)) / 3 + 1)
+            }
+            Frequency::Yearly => year.to_owned(),
+        }
+    }
+}
+
+/// Which transactions a timeline covers (every filter is optional).
+#[derive(Debug)]
+pub(crate) struct TimelineQuery<'a> {
+    pub frequency: Frequency,
+    pub since: Option<&'a str>,
+    pub until: Option<&'a str>,
+    pub accounts: Option<Vec<String>>,
+    pub categories: Option<Vec<u32>>,
+    pub payment_partners: Option<Vec<String>>,
+}
+
+impl TimelineQuery<'_> {
+    fn covers(&self, tx: &Transaction) -> bool {
+        self.accounts
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&tx.account_id))
+            && self
+                .categories
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&tx.category.id))
+            && self
+                .payment_partners
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&payment_partner_id(tx.name)))
+            && in_date_range(&tx.booking_date, self.since, self.until)
+    }
+}
+
+/// Income, expenses and net per period of `transactions`, oldest period first.
+fn periods<'t>(
+    transactions: impl Iterator<Item = &'t Transaction>,
+    frequency: Frequency,
+) -> Vec<Value> {
+    let mut periods: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for tx in transactions {
+        let entry = periods
+            .entry(frequency.period_of(&tx.booking_date))
+            .or_default();
+        if tx.amount >= 0.0 {
+            entry.0 += tx.amount;
+        } else {
+            entry.1 += tx.amount;
+        }
+    }
+    periods
+        .into_iter()
+        .map(|(period, (income, expenses))| {
+            json!({
+                "period": period,
+                "income": round_cents(income),
+                "expenses": round_cents(expenses),
+                "net": round_cents(income + expenses),
+                "currency": "EUR",
+            })
+        })
+        .collect()
+}
+
+/// The id of the payment partner called `name`.
+pub(crate) fn payment_partner_id(name: &str) -> String {
+    format!("P{:08x}", stable_hash(name) as u32)
 }
 
 /// `YYYY-Www` (ISO week) of an ISO date string; unparseable input is kept as is.
@@ -574,14 +654,37 @@ fn week_of(iso_date: &str) -> String {
     }
 }
 
-/// Whether `text` looks like an ISO date (`YYYY-MM-DD`), the only format the filters accept.
-pub(crate) fn is_iso_date(text: &str) -> bool {
+/// A Unix time as an ISO 8601 UTC timestamp (`2025-06-30T12:00:00Z`).
+pub(crate) fn iso_timestamp(unix_seconds: i64) -> String {
+    let time = time::OffsetDateTime::from_unix_timestamp(unix_seconds)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        time.year(),
+        u8::from(time.month()),
+        time.day(),
+        time.hour(),
+        time.minute(),
+        time.second()
+    )
+}
+
+/// Whether `text` is a date filter: `YYYY`, `YYYY-MM` or `YYYY-MM-DD`.
+pub(crate) fn is_date_filter(text: &str) -> bool {
     let bytes = text.as_bytes();
-    bytes.len() == 10
+    matches!(bytes.len(), 4 | 7 | 10)
         && bytes.iter().enumerate().all(|(index, byte)| match index {
             4 | 7 => *byte == b'-',
             _ => byte.is_ascii_digit(),
         })
+}
+
+/// Whether the ISO date `date` lies within `since..=until`, both inclusive and either as
+/// coarse as a year or a month (`until=2025-05` includes 31 May).
+pub(crate) fn in_date_range(date: &str, since: Option<&str>, until: Option<&str>) -> bool {
+    let prefix = |bound: &str| date.get(..bound.len()).unwrap_or(date);
+    since.is_none_or(|since| prefix(since) >= since)
+        && until.is_none_or(|until| prefix(until) <= until)
 }
 
 #[cfg(test)]
@@ -594,6 +697,53 @@ mod tests {
         let b = OwnerData::generate("user:alice");
         assert_eq!(a.accounts_json, b.accounts_json);
         assert_eq!(a.transactions().len(), b.transactions().len());
+    }
+
+    #[test]
+    fn date_filters_may_be_years_months_or_days() {
+        for ok in ["2025", "2025-06", "2025-06-30"] {
+            assert!(is_date_filter(ok), "{ok}");
+        }
+        for bad in ["25", "2025-6", "2025/06/30", "yesterday", "2025-06-30T00"] {
+            assert!(!is_date_filter(bad), "{bad}");
+        }
+        assert!(in_date_range(
+            "2025-05-31",
+            Some("2025-05"),
+            Some("2025-05")
+        ));
+        assert!(in_date_range(
+            "2025-05-31",
+            Some("2025"),
+            Some("2025-05-31")
+        ));
+        assert!(!in_date_range("2025-06-01", None, Some("2025-05")));
+        assert!(!in_date_range("2024-12-31", Some("2025"), None));
+    }
+
+    #[test]
+    fn timestamps_are_iso_utc() {
+        assert_eq!(iso_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_timestamp(1_751_284_800), "2025-06-30T12:00:00Z");
+    }
+
+    #[test]
+    fn periods_of_every_frequency() {
+        let date = "2025-05-31";
+        let periods: Vec<String> = [
+            Frequency::Daily,
+            Frequency::Weekly,
+            Frequency::Monthly,
+            Frequency::Quarterly,
+            Frequency::Yearly,
+        ]
+        .iter()
+        .map(|f| f.period_of(date))
+        .collect();
+        assert_eq!(
+            periods,
+            ["2025-05-31", "2025-W22", "2025-05", "2025-Q2", "2025"]
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! finX-shaped error answers (finx-api.md §7).
+//! finX-shaped error answers.
 //!
 //! Every error the simulator sends goes through [`FinxError`], so all of them share the nested
 //! body `{"error":{"code","group","name","message","description","data"},"status"}`.
@@ -42,17 +42,31 @@ impl FinxError {
         Self::new(StatusCode::BAD_REQUEST, 1000, "bad_request", description)
     }
 
-    /// 400: field validation failed; `fields` maps each bad field to what is wrong with it.
-    pub(crate) fn validation(fields: Map<String, Value>) -> Self {
-        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    /// 400: field validation failed. Each bad field is named with what is wrong with it, as a
+    /// list of messages the way finX answers: `"data": {"redirect_uri": ["Not a valid URL."]}`.
+    pub(crate) fn validation<F, M>(fields: impl IntoIterator<Item = (F, M)>) -> Self
+    where
+        F: Into<String>,
+        M: Into<String>,
+    {
+        let data: Map<String, Value> = fields
+            .into_iter()
+            .map(|(field, message)| (field.into(), json!([message.into()])))
+            .collect();
+        let names: Vec<&str> = data.keys().map(String::as_str).collect();
         let mut error = Self::new(
             StatusCode::BAD_REQUEST,
-            1001,
+            1000,
             "validation_error",
             format!("invalid fields: {}", names.join(", ")),
         );
-        error.data = fields;
+        error.data = data;
         error
+    }
+
+    /// 400: one bad field.
+    pub(crate) fn field(field: &str, message: &str) -> Self {
+        Self::validation([(field, message)])
     }
 
     /// 401 on client-auth endpoints other than `/auth/token`.

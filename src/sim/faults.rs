@@ -16,7 +16,7 @@ use super::error::FinxError;
 
 /// The faults the simulator injects; every field defaults to "off".
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Milliseconds added before `/auth/token` answers.
     pub token_latency_ms: u64,

@@ -1,14 +1,16 @@
-//! Flow initiation (finx-api.md §4): body validation, the flow registry, and how a flow ends
-//! (the redirect back to `redirect_uri` with the parameters of §5).
+//! Flow initiation: body validation, the flow registry, and how a flow ends (the redirect back
+//! to `redirect_uri`, with its parameters in the order finX's guides show).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
+use rand::Rng;
 use serde_json::{Map, Value};
 use url::Url;
 
 use super::error::FinxError;
 use super::grants::{random_string, CodeOrigin, Grants, Owner};
+use super::lenient;
 
 /// The kinds of flow finX offers, one per initiation endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,10 +96,11 @@ pub(crate) struct Flow {
     pub request: FlowRequest,
     /// Secret part of the widget link, so flow ids alone cannot drive a widget.
     pub widget_token: String,
-    pub created_at: i64,
     /// One-time flows (and their data) vanish at this time.
     pub vanishes_at: Option<i64>,
     pub outcome: Option<Outcome>,
+    /// When the widget (or the control plane) ended the flow.
+    pub ended_at: Option<i64>,
 }
 
 impl Flow {
@@ -126,18 +129,27 @@ impl Flow {
 }
 
 const LANGUAGES: [&str; 5] = ["de", "en", "es", "fr", "ar"];
+const READOUTS: [&str; 2] = ["ACCOUNTS", "TRANSACTIONS"];
+
+fn field_name(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
 
 /// Collects field errors so one answer names every bad field.
 struct Checker<'a> {
     body: &'a Map<String, Value>,
-    errors: Map<String, Value>,
+    errors: BTreeMap<String, String>,
 }
 
 impl<'a> Checker<'a> {
     fn fail(&mut self, field: &str, message: &str) {
         self.errors
             .entry(field.to_owned())
-            .or_insert_with(|| Value::String(message.to_owned()));
+            .or_insert_with(|| message.to_owned());
     }
 
     fn string_in(
@@ -147,11 +159,7 @@ impl<'a> Checker<'a> {
         key: &str,
         required: bool,
     ) -> Option<&'a str> {
-        let field = if path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{path}.{key}")
-        };
+        let field = field_name(path, key);
         match object.get(key) {
             None | Some(Value::Null) if required => {
                 self.fail(&field, "This field is required.");
@@ -187,26 +195,24 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// An optional flag: a JSON boolean or `"true"`/`"false"`.
     fn boolean(&mut self, key: &str) {
-        if !matches!(
-            self.body.get(key),
-            None | Some(Value::Null) | Some(Value::Bool(_))
-        ) {
-            self.fail(key, "Must be a boolean.");
+        match self.body.get(key) {
+            None | Some(Value::Null) => {}
+            Some(value) if lenient::boolean(value).is_some() => {}
+            Some(_) => self.fail(key, "Must be a boolean."),
         }
     }
 
-    fn positive_int(&mut self, key: &str, min: u64, max: u64) -> Option<u32> {
-        match self.body.get(key) {
-            None | Some(Value::Null) => None,
-            Some(value) => match value.as_u64().filter(|n| (min..=max).contains(n)) {
-                Some(n) => u32::try_from(n).ok(),
-                None => {
-                    self.fail(key, &format!("Must be an integer between {min} and {max}."));
-                    None
-                }
-            },
+    /// An optional whole number of at least `min` (a JSON integer or a decimal string). finX
+    /// publishes no upper limits: more history than a bank has simply yields what it has.
+    fn whole_number(&mut self, key: &str, min: u64) -> Option<u64> {
+        let value = self.body.get(key).filter(|value| !value.is_null())?;
+        let number = lenient::whole_number(value).filter(|n| *n >= min);
+        if number.is_none() {
+            self.fail(key, &format!("Must be a whole number of at least {min}."));
         }
+        number
     }
 
     fn string_list(&mut self, key: &str, required: bool) -> Vec<String> {
@@ -233,6 +239,14 @@ impl<'a> Checker<'a> {
                 self.fail(key, "Must be a list of non-empty strings.");
                 Vec::new()
             }
+        }
+    }
+
+    /// `readout: ["ACCOUNTS", "TRANSACTIONS"]` (a list, possibly empty).
+    fn readout(&mut self) {
+        let items = self.string_list("readout", false);
+        if items.iter().any(|item| !READOUTS.contains(&item.as_str())) {
+            self.fail("readout", "Each entry must be ACCOUNTS or TRANSACTIONS.");
         }
     }
 
@@ -267,11 +281,7 @@ impl<'a> Checker<'a> {
         key: &str,
         required: bool,
     ) -> Option<&'a Map<String, Value>> {
-        let field = if path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{path}.{key}")
-        };
+        let field = field_name(path, key);
         match object.get(key) {
             None | Some(Value::Null) => {
                 if required {
@@ -287,30 +297,93 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// `payment{creditor{iban,name}, amount{value,currency}, purpose}`; errors keyed by dotted path.
-    fn payment(&mut self) -> Option<Value> {
-        let payment = self.object(self.body, "", "payment", true)?;
-        if let Some(creditor) = self.object(payment, "payment", "creditor", true) {
-            self.string_in(creditor, "payment.creditor", "iban", true);
-            self.string_in(creditor, "payment.creditor", "name", true);
-        }
-        if let Some(amount) = self.object(payment, "payment", "amount", true) {
-            match amount.get("value") {
-                None | Some(Value::Null) => {
-                    self.fail("payment.amount.value", "This field is required.")
-                }
-                Some(value) if value.as_f64().is_some_and(|v| v > 0.0) => {}
-                Some(_) => self.fail("payment.amount.value", "Must be a positive number."),
-            }
-            if let Some(currency) = self.string_in(amount, "payment.amount", "currency", true) {
-                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-                    self.fail("payment.amount.currency", "Must be an ISO 4217 code.");
-                }
-            }
-        }
-        self.string_in(payment, "payment", "purpose", true);
-        Some(Value::Object(payment.clone()))
+    /// An optional `{"iban"}` object (the debtor).
+    fn iban_holder(&mut self, object: &'a Map<String, Value>, path: &str) -> Option<String> {
+        let debtor = self.object(object, path, "debtor", false)?;
+        self.string_in(debtor, &field_name(path, "debtor"), "iban", false)
+            .map(str::to_owned)
     }
+
+    /// `payment{creditor{iban,name}, amount{value,currency}, purpose}` plus the optional
+    /// `debtor{iban}`, `end_to_end_reference` and `sepa_purpose_code`, inside `payment` (as
+    /// finX's examples send them) or beside it; errors keyed by dotted path.
+    fn payment(&mut self) -> Option<Payment> {
+        let payment = self.object(self.body, "", "payment", true)?;
+        let mut creditor = (None, None);
+        if let Some(object) = self.object(payment, "payment", "creditor", true) {
+            creditor = (
+                self.string_in(object, "payment.creditor", "iban", true),
+                self.string_in(object, "payment.creditor", "name", true),
+            );
+        }
+        let mut amount = (None, None);
+        if let Some(object) = self.object(payment, "payment", "amount", true) {
+            amount.0 = match object.get("value") {
+                None | Some(Value::Null) => {
+                    self.fail("payment.amount.value", "This field is required.");
+                    None
+                }
+                Some(value) => {
+                    let positive = lenient::number(value).filter(|v| *v > 0.0);
+                    if positive.is_none() {
+                        self.fail("payment.amount.value", "Must be a positive number.");
+                    }
+                    positive
+                }
+            };
+            amount.1 = self
+                .string_in(object, "payment.amount", "currency", true)
+                .filter(|currency| {
+                    let iso =
+                        currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase());
+                    if !iso {
+                        self.fail("payment.amount.currency", "Must be an ISO 4217 code.");
+                    }
+                    iso
+                });
+        }
+        let purpose = self.string_in(payment, "payment", "purpose", true);
+        let debtor_iban = self.iban_holder(payment, "payment");
+        let beside_debtor_iban = self.iban_holder(self.body, "");
+        let end_to_end_reference =
+            self.string_in(payment, "payment", "end_to_end_reference", false);
+        let beside_reference = self.string("end_to_end_reference", false);
+        let sepa_purpose_code = self
+            .string_in(payment, "payment", "sepa_purpose_code", false)
+            .map(str::to_owned);
+        let (
+            (Some(creditor_iban), Some(creditor_name)),
+            (Some(value), Some(currency)),
+            Some(purpose),
+        ) = (creditor, amount, purpose)
+        else {
+            return None;
+        };
+        Some(Payment {
+            creditor_iban: creditor_iban.to_owned(),
+            creditor_name: creditor_name.to_owned(),
+            value,
+            currency: currency.to_owned(),
+            purpose: purpose.to_owned(),
+            debtor_iban: debtor_iban.or(beside_debtor_iban),
+            end_to_end_reference: end_to_end_reference.or(beside_reference).map(str::to_owned),
+            sepa_purpose_code,
+        })
+    }
+}
+
+/// A validated payment order.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Payment {
+    pub creditor_iban: String,
+    pub creditor_name: String,
+    pub value: f64,
+    pub currency: String,
+    pub purpose: String,
+    /// The account to pay from, when the client named it.
+    pub debtor_iban: Option<String>,
+    pub end_to_end_reference: Option<String>,
+    pub sepa_purpose_code: Option<String>,
 }
 
 /// The validated parts of an initiation body.
@@ -323,18 +396,20 @@ pub(crate) struct FlowRequest {
     pub name: Option<String>,
     /// IBANs or account ids the client suggested (`accounts`, `account_ids`, `account`).
     pub account_hints: Vec<String>,
-    pub reporting_period: u32,
-    pub payment: Option<Value>,
+    /// Months a report covers (default 12).
+    pub reporting_period: u64,
+    pub payment: Option<Payment>,
 }
 
-/// Validates an initiation body for `kind` (finx-api.md §4), naming every bad field.
+/// Validates an initiation body for `kind`, naming every bad field. Fields the simulator does
+/// not know are ignored, as a lenient server would.
 pub(crate) fn validate(kind: FlowKind, body: &Value) -> Result<FlowRequest, FinxError> {
     let Value::Object(body) = body else {
         return Err(FinxError::bad_request("request body must be a JSON object"));
     };
     let mut check = Checker {
         body,
-        errors: Map::new(),
+        errors: BTreeMap::new(),
     };
     let needs_user = matches!(
         kind,
@@ -351,21 +426,22 @@ pub(crate) fn validate(kind: FlowKind, body: &Value) -> Result<FlowRequest, Finx
             check.fail("language", "Must be one of de, en, es, fr, ar.");
         }
     }
-    for flag in ["allow_multi_selection", "save_secrets", "readout"] {
+    for flag in ["allow_multi_selection", "save_secrets"] {
         check.boolean(flag);
     }
-    for optional in ["tracking_id", "provider_id", "end_to_end_reference"] {
+    check.readout();
+    for optional in ["tracking_id", "provider_id"] {
         check.string(optional, false);
     }
     check.string_list("account_types", false);
-    check.positive_int("sync_period", 1, 730);
+    check.whole_number("sync_period", 1);
     let mut account_hints = check.account_hints();
     let mut reporting_period = 12;
     let mut name = None;
     let mut payment = None;
     match kind {
         FlowKind::OnetimeIncomeReport => {
-            if let Some(months) = check.positive_int("reporting_period", 4, 24) {
+            if let Some(months) = check.whole_number("reporting_period", 4) {
                 reporting_period = months;
                 if body.get("sync_period").is_some_and(|v| !v.is_null()) {
                     check.fail("reporting_period", "Cannot be combined with sync_period.");
@@ -373,7 +449,7 @@ pub(crate) fn validate(kind: FlowKind, body: &Value) -> Result<FlowRequest, Finx
             }
         }
         FlowKind::OnetimeRiskReport | FlowKind::OngoingRiskReport => {
-            if let Some(months) = check.positive_int("reporting_period", 1, 24) {
+            if let Some(months) = check.whole_number("reporting_period", 1) {
                 reporting_period = months;
             }
             name = check.string("name", false).map(str::to_owned);
@@ -393,7 +469,6 @@ pub(crate) fn validate(kind: FlowKind, body: &Value) -> Result<FlowRequest, Finx
         }
         FlowKind::OnetimePayment | FlowKind::OngoingPayment => {
             payment = check.payment();
-            check.object(body, "", "debtor", false);
         }
         FlowKind::OngoingSync => {
             account_hints = check.string_list("account_ids", true);
@@ -435,16 +510,16 @@ impl Flows {
         onetime_ttl_secs: i64,
     ) -> Flow {
         let flow = Flow {
-            id: format!("flow_{}", random_string(24)),
+            id: new_flow_id(),
             kind,
             client_id: client_id.to_owned(),
             request,
             widget_token: random_string(32),
-            created_at: now,
             vanishes_at: kind
                 .is_onetime()
                 .then(|| now.saturating_add(onetime_ttl_secs)),
             outcome: None,
+            ended_at: None,
         };
         let mut flows = self.lock();
         // One-time data is deleted an hour after the flow; sweeping here bounds memory.
@@ -473,6 +548,7 @@ impl Flows {
         match flow.outcome {
             None | Some(Outcome::Success) => {
                 flow.outcome = Some(Outcome::Success);
+                flow.ended_at.get_or_insert(now);
                 Ok(flow.clone())
             }
             Some(_) => Err(FinxError::conflict("this flow ended without consent")),
@@ -504,6 +580,7 @@ impl Flows {
                 return Err(FinxError::conflict("this flow has already finished"));
             }
             flow.outcome = Some(outcome);
+            flow.ended_at = Some(now);
             flow.clone()
         };
         let code = (outcome == Outcome::Success && flow.issues_code()).then(|| {
@@ -517,34 +594,61 @@ impl Flows {
                 now,
             )
         });
-        let Some(redirect_uri) = &flow.request.redirect_uri else {
-            return Ok(None);
-        };
-        let mut url = Url::parse(redirect_uri)
-            .map_err(|_| FinxError::bad_request("the flow's redirect_uri is not a URL"))?;
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(state) = &flow.request.state {
-                query.append_pair("state", state);
-            }
-            query.append_pair(
-                "success",
-                if outcome == Outcome::Success {
-                    "true"
-                } else {
-                    "false"
-                },
-            );
-            if let Some(code) = &code {
-                query.append_pair("code", code);
-            }
-            query.append_pair("flow_id", &flow.id);
-            if outcome == Outcome::Abort {
-                // Both spellings: the nrich guide says abort, the older guide says cancel.
-                query.append_pair("abort", "true");
-                query.append_pair("cancel", "true");
-            }
-        }
-        Ok(Some(url))
+        redirect(&flow, outcome, code.as_deref())
     }
+}
+
+/// The return address of an ended flow (None when the flow has no redirect_uri).
+///
+/// Parameters are appended in the order finX's guides show: `code` first (finX's own client
+/// scripts read it as the first parameter), then `state`, `success`, and on success `flow_id`
+/// and `abort=false`; a cancel carries `success=false&cancel=true&abort=true` (both spellings
+/// of the flag, from the older and the newer guide) and no code; a failure `abort=false`.
+fn redirect(flow: &Flow, outcome: Outcome, code: Option<&str>) -> Result<Option<Url>, FinxError> {
+    let Some(redirect_uri) = &flow.request.redirect_uri else {
+        return Ok(None);
+    };
+    let mut url = Url::parse(redirect_uri)
+        .map_err(|_| FinxError::bad_request("the flow's redirect_uri is not a URL"))?;
+    {
+        let mut query = url.query_pairs_mut();
+        if let Some(code) = code {
+            query.append_pair("code", code);
+        }
+        if let Some(state) = &flow.request.state {
+            query.append_pair("state", state);
+        }
+        match outcome {
+            Outcome::Success => query
+                .append_pair("success", "true")
+                .append_pair("flow_id", &flow.id)
+                .append_pair("abort", "false"),
+            Outcome::Abort => query
+                .append_pair("success", "false")
+                .append_pair("cancel", "true")
+                .append_pair("abort", "true")
+                .append_pair("flow_id", &flow.id),
+            Outcome::Error => query
+                .append_pair("success", "false")
+                .append_pair("flow_id", &flow.id)
+                .append_pair("abort", "false"),
+        };
+    }
+    Ok(Some(url))
+}
+
+/// A random flow id shaped like finX's (a version-4 UUID), for clients that store it as one.
+fn new_flow_id() -> String {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }

@@ -1,5 +1,6 @@
-//! Authorization codes, grant families, access and refresh tokens: the strict OAuth rules of
-//! finx-api.md §3 and §8.
+//! Authorization codes, grant families, access and refresh tokens, and the OAuth rules the
+//! simulator is strict about: single-use codes bound to client and redirect_uri, rotation,
+//! expiries and inactivity.
 //!
 //! A *family* is everything issued from one consent (one code exchange or one seeded grant): its
 //! access tokens and its chain of refresh tokens. Rotation keeps exactly one current refresh token
@@ -21,7 +22,7 @@ use super::data::OwnerData;
 use super::error::FinxError;
 use super::stats::{bump, Counters, UserStats};
 
-/// The scope every grant gets (finx-api.md §3).
+/// The scope every grant gets (the one finX's guides show).
 pub(crate) const DEFAULT_SCOPE: &str = "accounts=ro balance=ro transactions=ro offline";
 
 /// Whose data a grant reads: an ongoing user, or the single bank connection of a one-time flow.
@@ -206,7 +207,8 @@ pub(crate) fn random_string(len: usize) -> String {
         .collect()
 }
 
-/// A token of random length: finX token lengths vary (finx-api.md §3, "allow at least 2048").
+/// A token of random length: finX's token lengths vary (its guides say to allow at least 2048
+/// bytes).
 fn random_token() -> String {
     let len = rand::rng().random_range(300..=2100);
     random_string(len)

@@ -1,9 +1,12 @@
 //! finX simulator: a strict, scriptable stand-in for the finX API (see README "Simulator").
 //!
-//! It enforces the contract of `finx-api.md` §8 (Basic client auth, validated flows, single-use
-//! codes, strict refresh-token rotation with family revocation, expiring Bearer tokens) and adds
-//! a `/_sim/*` control plane (when enabled) for tests and benchmarks: counters, seen headers,
-//! direct grants, a movable clock and fault injection.
+//! Strict where finX must be strict (Basic client auth, single-use codes bound to client and
+//! redirect_uri, refresh-token rotation with family revocation, expiring Bearer tokens); as
+//! lenient as finX's own guides and examples where they are (value spellings, optional fields),
+//! and shaped like them where clients depend on the shape (the redirect's parameter order, the
+//! answers). The README's fidelity notes list the choices made where finX says nothing.
+//! A `/_sim/*` control plane (when enabled) serves tests and benchmarks: counters, seen
+//! headers, direct grants, a movable clock and fault injection.
 //!
 //! Start it with [`spawn`] (own thread and runtime, for tests and benches), [`serve`] (on a
 //! listener you bound) or [`run`] (the `finx-gateway sim` command).
@@ -14,6 +17,8 @@ mod error;
 mod faults;
 mod flows;
 mod grants;
+mod lenient;
+mod reports;
 mod routes;
 mod server;
 mod state;
@@ -23,10 +28,11 @@ mod widget;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+
+use crate::server_thread::ServerThread;
 
 pub use control::{GrantTokens, SimControl};
 pub use faults::Faults;
@@ -120,38 +126,23 @@ impl SimConfig {
 
 /// A simulator running on its own thread; dropping the handle stops it.
 pub struct SimHandle {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<std::io::Result<()>>>,
+    server: ServerThread,
 }
 
 impl SimHandle {
     /// The bound address (`127.0.0.1:PORT`).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.base_url()
     }
 
     /// A typed client for the control plane (requires [`SimConfig::control`]).
     pub fn control(&self) -> SimControl {
         SimControl::new(&self.base_url())
-    }
-}
-
-impl Drop for SimHandle {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        // The accept loop returns as soon as the signal arrives and dropping the runtime
-        // cancels in-flight connections (no blocking tasks exist), so this join is short.
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -169,19 +160,17 @@ pub fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
         let _context = runtime.enter();
         TcpListener::from_std(std_listener)?
     };
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name(format!("finx-sim-{}", addr.port()))
-        .spawn(move || {
-            runtime.block_on(serve(listener, config, async {
-                let _ = shutdown_rx.await;
-            }))
-        })?;
-    Ok(SimHandle {
-        addr,
-        shutdown: Some(shutdown_tx),
-        thread: Some(thread),
-    })
+    // The accept loop returns as soon as the stop signal arrives and dropping the runtime
+    // cancels in-flight connections (no blocking tasks exist), so stopping is quick.
+    let server = ServerThread::spawn(&format!("finx-sim-{}", addr.port()), addr, move |stop| {
+        let served = runtime.block_on(serve(listener, config, async {
+            let _ = stop.await;
+        }));
+        if let Err(error) = served {
+            tracing::error!(%error, "the simulator stopped");
+        }
+    })?;
+    Ok(SimHandle { server })
 }
 
 /// Serves on an already bound listener until `shutdown` resolves (or the future is dropped).

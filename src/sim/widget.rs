@@ -1,6 +1,5 @@
 //! The widget: a plain HTML page (no JavaScript) at the `location` of a flow, with Connect and
-//! Cancel buttons that end the flow and redirect the browser to its `redirect_uri`
-//! (finx-api.md §5).
+//! Cancel buttons that end the flow and redirect the browser to its `redirect_uri`.
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -9,22 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use super::error::FinxError;
 use super::flows::{Flow, Outcome};
 use super::routes::{LimitedBody, QueryPairs, Segment, Shared};
-
-/// Escapes text for HTML element content and attribute values.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for ch in text.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(ch),
-        }
-    }
-    out
-}
+use crate::html::escape;
 
 /// The flow, if it exists and `token` is its widget token.
 fn widget_flow(state: &Shared, flow_id: &str, token: Option<&str>) -> Result<Flow, FinxError> {

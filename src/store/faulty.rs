@@ -15,8 +15,9 @@ use async_trait::async_trait;
 use rand::Rng;
 
 use super::{
-    Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome, NewConnection,
-    RefreshIntent, RefreshLease, StoreError, TokenGrant, TokenStore,
+    Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome, KeyStatus,
+    NewConnection, ReencryptBatch, RefreshIntent, RefreshLease, RotationCursor, StoreError,
+    TokenGrant, TokenStore,
 };
 use crate::clock::UnixSeconds;
 
@@ -180,6 +181,11 @@ impl TokenStore for FaultyStore {
         struck(strike, "delete", self.inner.delete(key)).await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.knobs.read("ping").await?;
+        self.inner.ping().await
+    }
+
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.knobs.read("list").await?;
         self.inner.list().await
@@ -262,6 +268,26 @@ impl TokenStore for FaultyStore {
         self.inner
             .due_for_keeping(refreshed_before, active_before, limit)
             .await
+    }
+
+    async fn key_status(&self) -> Result<KeyStatus, StoreError> {
+        self.knobs.read("key status").await?;
+        self.inner.key_status().await
+    }
+
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&RotationCursor>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        let strike = self.knobs.write().await;
+        let batch = self.inner.reencrypt_batch(after, limit);
+        struck(strike, "re-encrypt", batch).await
+    }
+
+    async fn complete_rotation(&self) -> Result<KeyStatus, StoreError> {
+        let strike = self.knobs.write().await;
+        struck(strike, "complete rotation", self.inner.complete_rotation()).await
     }
 }
 

@@ -10,8 +10,12 @@
 
 pub mod crypto;
 pub mod faulty;
+pub mod metered;
 pub mod postgres;
+pub mod rotation;
 pub mod sqlite;
+
+pub use rotation::{KeyStatus, ReencryptBatch, RotationCursor};
 
 use std::fmt;
 use std::sync::Arc;
@@ -241,7 +245,7 @@ pub(crate) struct SealedTokens {
 
 /// Seals a refresh token and an optional access token for `key`'s row.
 pub(crate) fn seal_tokens(
-    enc: &crypto::EncryptionKey,
+    enc: &crypto::KeyRing,
     key: &ConnectionKey,
     refresh: &SecretString,
     access: Option<&AccessToken>,
@@ -260,7 +264,7 @@ pub(crate) fn seal_tokens(
 
 /// Opens a stored token; one that does not decrypt fails only its own connection.
 pub(crate) fn open_stored_token(
-    enc: &crypto::EncryptionKey,
+    enc: &crypto::KeyRing,
     key: &ConnectionKey,
     column: crypto::TokenColumn,
     sealed: &[u8],
@@ -400,6 +404,9 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Every connection's metadata, without tokens (for operators).
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError>;
 
+    /// A round trip to the store (the readiness probe): `Ok` when it can be read now.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Takes `key`'s refresh lock (waiting at most the store's lock timeout, else
     /// [`StoreError::Busy`]) and reads the row under it.
     async fn lock_for_refresh(
@@ -464,4 +471,25 @@ pub trait TokenStore: Send + Sync + 'static {
     /// for it was written later (`updated_at`). The copy's version moves above any version this
     /// store has used for the key, so no refresh in flight here can compare-and-swap onto it.
     async fn copy_in(&self, connection: &Connection) -> Result<CopyOutcome, StoreError>;
+
+    /// Counts connections by the key ids their tokens are sealed under (key rotation; see
+    /// [`rotation`]). Reads only the first bytes of each token, decrypts nothing.
+    async fn key_status(&self) -> Result<KeyStatus, StoreError>;
+
+    /// Re-seals under the primary key up to `limit` connections that hold a token under another
+    /// key (or in format 1), in key order after `after` (`None`: from the start). Versions are
+    /// left alone, so refreshes in flight still commit; a row written by anyone between this
+    /// batch's read and its write is left as it is (see [`ReencryptBatch::raced`]). Call again
+    /// with [`ReencryptBatch::next`] until it is `None`: that is one pass.
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&RotationCursor>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError>;
+
+    /// Completes a rotation if nothing is left to re-seal: the key-check record is rewritten
+    /// under the primary key (atomically with the count), so the store then opens with the
+    /// primary key alone. Returns the counts it decided on; [`KeyStatus::is_complete`] says
+    /// whether it completed.
+    async fn complete_rotation(&self) -> Result<KeyStatus, StoreError>;
 }

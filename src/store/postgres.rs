@@ -57,7 +57,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{Connection as _, PgConnection, Postgres, Row, Transaction};
 
-use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
+use super::crypto::{KeyCheck, KeyRing, TokenColumn};
+use super::rotation::{self, DueRow, KeyStatus, ReencryptBatch, RotationCursor};
 use super::{lease_version, open_stored_token, seal_tokens};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
@@ -193,8 +194,9 @@ pub enum PgOpenError {
     Migrate(String),
     #[error(
         "the encryption key given (key id {given_key_id}) does not match the key this token \
-         store was created with (key id {expected_key_id}); start the gateway with the original \
-         key file or environment variable"
+         store was created with or last rotated to (key id {expected_key_id}); start the \
+         gateway with that key file or environment variable (as encryption_key, or in \
+         previous_keys during a rotation)"
     )]
     WrongKey {
         expected_key_id: String,
@@ -226,7 +228,8 @@ struct Shared {
     /// transaction holds a connection of `pool`, so sharing it could leave every refresh waiting
     /// for a connection another refresh holds.
     intents: PgPool,
-    key: EncryptionKey,
+    key: KeyRing,
+    /// The primary key's id.
     key_id: String,
 }
 
@@ -283,24 +286,28 @@ impl fmt::Debug for PostgresStore {
 
 impl PostgresStore {
     /// Connects, applies pending migrations (under sqlx's advisory lock, so replicas starting
-    /// together migrate once), checks the encryption key against the store's key-check record
-    /// (creating it in a new store) and builds the pool.
+    /// together migrate once), checks the encryption key (an
+    /// [`EncryptionKey`](super::crypto::EncryptionKey), or a [`KeyRing`] during a rotation: any
+    /// of its keys) against the store's key-check record (creating it in a new store) and builds
+    /// the pool.
     ///
     /// Blocking, callable from any thread or runtime: the work runs on the store's own runtime.
     pub fn open(
         settings: &PgSettings,
-        key: EncryptionKey,
+        key: impl Into<KeyRing>,
         wait: OpenWait,
     ) -> Result<Self, PgOpenError> {
+        let key = key.into();
         let options = settings.connect_options()?;
         let own_options = options.clone();
         let worker = Worker::start()?;
         let pool_size = settings.pool_size;
         let connect_timeout = settings.connect_timeout;
-        let key_id = key.key_id();
+        let key_id = key.primary_key_id();
         let handle = worker.handle.clone();
         let open = move || async move {
-            prepare(&options, &key, wait, connect_timeout).await?;
+            let mut key = key;
+            prepare(&options, &mut key, wait, connect_timeout).await?;
             // Lazy: connections are opened on the store's runtime when first needed.
             let pool_of = |size: u32| {
                 PgPoolOptions::new()
@@ -400,7 +407,7 @@ async fn applied_migrations(conn: &mut PgConnection) -> usize {
 /// Connection, migrations and key check, retried while the database is unreachable.
 async fn prepare(
     options: &PgConnectOptions,
-    key: &EncryptionKey,
+    key: &mut KeyRing,
     wait: OpenWait,
     connect_timeout: Duration,
 ) -> Result<(), PgOpenError> {
@@ -412,7 +419,7 @@ async fn prepare(
                 .run(&mut conn)
                 .await
                 .map_err(|e| PgOpenError::Migrate(e.to_string()))?;
-            let outcome = check_key(&mut conn, key).await;
+            let outcome = check_key(&mut conn, &mut *key).await;
             let _ = conn.close().await;
             outcome
         };
@@ -436,7 +443,7 @@ async fn prepare(
     }
 }
 
-async fn check_key(conn: &mut PgConnection, key: &EncryptionKey) -> Result<(), PgOpenError> {
+async fn check_key(conn: &mut PgConnection, key: &mut KeyRing) -> Result<(), PgOpenError> {
     let unreachable = |e: sqlx::Error| PgOpenError::Unreachable(e.to_string());
     let check = key.seal_key_check().map_err(|_| PgOpenError::Damaged)?;
     // The first replica to start writes the record; everyone else reads the one that won.
@@ -444,7 +451,7 @@ async fn check_key(conn: &mut PgConnection, key: &EncryptionKey) -> Result<(), P
         "INSERT INTO store_meta (id, key_id, key_check, created_at) VALUES (1, $1, $2, $3) \
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(key.key_id())
+    .bind(key.primary_key_id())
     .bind(check)
     .bind(SystemClock.now())
     .execute(&mut *conn)
@@ -456,12 +463,12 @@ async fn check_key(conn: &mut PgConnection, key: &EncryptionKey) -> Result<(), P
         .map_err(unreachable)?;
     let stored_key_id: String = row.try_get(0).map_err(unreachable)?;
     let sealed: Vec<u8> = row.try_get(1).map_err(unreachable)?;
-    match key.check_against(&stored_key_id, &sealed) {
+    match key.accept_key_check(&stored_key_id, &sealed) {
         KeyCheck::Matches => Ok(()),
         KeyCheck::Damaged => Err(PgOpenError::Damaged),
         KeyCheck::WrongKey { expected_key_id } => Err(PgOpenError::WrongKey {
             expected_key_id,
-            given_key_id: key.key_id(),
+            given_key_id: key.describe(),
         }),
     }
 }
@@ -483,11 +490,7 @@ const SELECT_ROW: &str = "SELECT status, refresh_token, access_token, access_exp
                           version, created_at, refreshed_at, synced_at, updated_at, \
                           last_used_at FROM connections WHERE key = $1";
 
-fn decrypt_row(
-    enc: &EncryptionKey,
-    key: &ConnectionKey,
-    row: &PgRow,
-) -> Result<Connection, StoreError> {
+fn decrypt_row(enc: &KeyRing, key: &ConnectionKey, row: &PgRow) -> Result<Connection, StoreError> {
     let get_error = |e: sqlx::Error| db_error(Some(key), e);
     let corrupt = || StoreError::Corrupt(key.clone());
     let open = |column: TokenColumn, sealed: &[u8]| open_stored_token(enc, key, column, sealed);
@@ -639,6 +642,42 @@ async fn delete_in(executor: &mut PgConnection, key: &ConnectionKey) -> Result<b
     Ok(deleted > 0)
 }
 
+/// Each token's label for [`KeyStatus::tally`]: its key id, `'1'` for format 1, `''` for none.
+/// (`substring`, unlike `get_byte`, cannot fail on a short value.)
+const KEY_LABELS: &str = "SELECT \
+    CASE WHEN octet_length(refresh_token) >= 9 \
+              AND substring(refresh_token from 1 for 1) = '\\x02'::bytea \
+         THEN encode(substring(refresh_token from 2 for 8), 'hex') ELSE '1' END, \
+    CASE WHEN access_token IS NULL THEN '' \
+         WHEN octet_length(access_token) >= 9 \
+              AND substring(access_token from 1 for 1) = '\\x02'::bytea \
+         THEN encode(substring(access_token from 2 for 8), 'hex') ELSE '1' END, \
+    count(*) FROM connections GROUP BY 1, 2";
+
+/// The connections due for re-sealing (a token not starting with `$2`, the primary key's
+/// prefix) after `$1`, in key order, at most `$3`, locked; rows a refresh holds are skipped.
+const SELECT_DUE: &str = "SELECT key, version, refresh_token, access_token FROM connections \
+    WHERE key > $1 AND (substring(refresh_token from 1 for 9) <> $2 \
+    OR (access_token IS NOT NULL AND substring(access_token from 1 for 9) <> $2)) \
+    ORDER BY key LIMIT $3 FOR UPDATE SKIP LOCKED";
+
+/// Counts the connections by key id.
+async fn key_status_in(conn: &mut PgConnection, ring: &KeyRing) -> Result<KeyStatus, StoreError> {
+    let check_key_id: String = sqlx::query_scalar("SELECT key_id FROM store_meta WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| db_error(None, e))?;
+    let groups: Vec<(String, String, i64)> = sqlx::query_as(KEY_LABELS)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| db_error(None, e))?;
+    Ok(KeyStatus::tally(
+        ring.primary_key_id(),
+        check_key_id,
+        groups,
+    ))
+}
+
 #[async_trait]
 impl TokenStore for PostgresStore {
     async fn load(&self, key: &ConnectionKey) -> Result<Option<Connection>, StoreError> {
@@ -771,6 +810,17 @@ impl TokenStore for PostgresStore {
 
     /// Rows whose key or status is unreadable are left out (and logged), as in the embedded
     /// store.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|shared| async move {
+            sqlx::query("SELECT 1")
+                .execute(&shared.pool)
+                .await
+                .map(drop)
+                .map_err(|e| db_error(None, e))
+        })
+        .await
+    }
+
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.run(|shared| async move {
             let rows = sqlx::query(
@@ -1120,6 +1170,108 @@ impl TokenStore for PostgresStore {
             .map_err(|e| db_error(None, e))?;
             tx.commit().await.map_err(|e| db_error(None, e))?;
             Ok(CopyOutcome::Written)
+        })
+        .await
+    }
+
+    async fn key_status(&self) -> Result<KeyStatus, StoreError> {
+        self.run(|shared| async move {
+            let mut conn = shared.pool.acquire().await.map_err(|e| db_error(None, e))?;
+            key_status_in(&mut conn, &shared.key).await
+        })
+        .await
+    }
+
+    /// One transaction: the due rows are read under their row locks (rows a refresh holds are
+    /// skipped, for the next pass), re-sealed, and written back by compare-and-swap on their
+    /// version and ciphertexts (which the locks already guarantee).
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&RotationCursor>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        let after = after.map_or_else(String::new, |cursor| cursor.0.clone());
+        self.run(move |shared| async move {
+            let mut tx = shared.pool.begin().await.map_err(|e| db_error(None, e))?;
+            let prefix = shared.key.current_prefix();
+            let rows = sqlx::query(SELECT_DUE)
+                .bind(after)
+                .bind(&prefix[..])
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| db_error(None, e))?;
+            let get = |e: sqlx::Error| db_error(None, e);
+            let mut due = Vec::with_capacity(rows.len());
+            for row in rows {
+                due.push(DueRow {
+                    stored_key: row.try_get(0).map_err(get)?,
+                    version: row.try_get(1).map_err(get)?,
+                    refresh: row.try_get(2).map_err(get)?,
+                    access: row.try_get(3).map_err(get)?,
+                });
+            }
+            let mut batch = ReencryptBatch::default();
+            for row in rotation::reseal_rows(&shared.key, due, limit, &mut batch)? {
+                let changed = sqlx::query(
+                    "UPDATE connections SET refresh_token = $1, access_token = $2, key_id = $3 \
+                     WHERE key = $4 AND version = $5 AND refresh_token = $6 \
+                     AND access_token IS NOT DISTINCT FROM $7",
+                )
+                .bind(row.refresh)
+                .bind(row.access)
+                .bind(&shared.key_id)
+                .bind(row.key.as_str())
+                .bind(row.version)
+                .bind(row.old_refresh)
+                .bind(row.old_access)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(Some(&row.key), e))?
+                .rows_affected();
+                if changed == 1 {
+                    batch.resealed += 1;
+                } else {
+                    batch.raced += 1;
+                }
+            }
+            tx.commit().await.map_err(|e| db_error(None, e))?;
+            Ok(batch)
+        })
+        .await
+    }
+
+    /// The key-check record is locked while the connections are counted, so two completions
+    /// never interleave. A replica still sealing under an older primary key is not stopped by
+    /// it: every replica must have the new primary key before a rotation (see the README).
+    async fn complete_rotation(&self) -> Result<KeyStatus, StoreError> {
+        self.run(|shared| async move {
+            let mut tx = shared.pool.begin().await.map_err(|e| db_error(None, e))?;
+            sqlx::query("SELECT 1 FROM store_meta WHERE id = 1 FOR UPDATE")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(None, e))?;
+            let mut status = key_status_in(&mut tx, &shared.key).await?;
+            if status.pending == 0 && status.check_key_id != status.primary_key_id {
+                let check = shared
+                    .key
+                    .seal_key_check()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                sqlx::query("UPDATE store_meta SET key_id = $1, key_check = $2 WHERE id = 1")
+                    .bind(&shared.key_id)
+                    .bind(check)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(None, e))?;
+                tx.commit().await.map_err(|e| db_error(None, e))?;
+                tracing::info!(
+                    key_id = %shared.key_id,
+                    previous_key_id = %status.check_key_id,
+                    "key rotation complete: the store's key check is now sealed under the primary key"
+                );
+                status.check_key_id = shared.key_id.clone();
+            }
+            Ok(status)
         })
         .await
     }

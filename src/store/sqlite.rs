@@ -2,12 +2,13 @@
 //!
 //! One database file in WAL mode with `synchronous=FULL`: a write returns only after its
 //! transaction is committed and fsynced, which is what invariant 3 ("persist before use") needs.
-//! Tokens are sealed with the store's [`EncryptionKey`] (see [`super::crypto`]) and bound to
+//! Tokens are sealed with the primary key of the store's [`KeyRing`] (see [`super::crypto`]) and bound to
 //! their row and column; everything else (status, version, timestamps, scope) is plaintext so
 //! operators can inspect it.
 //!
-//! The store refuses to open with a key other than the one it was created with: a `meta` row
-//! holds a known constant sealed under that key plus its key id. A row that fails to decrypt
+//! The store refuses to open unless its key ring holds the store's key: a `meta` row holds a
+//! known constant sealed under that key plus its key id (the key the store was created with, or
+//! the primary key of the last completed rotation; see [`super::rotation`]). A row that fails to decrypt
 //! (tampered, copied from another row) fails only its own connection with
 //! [`StoreError::Corrupt`]; reads never modify or delete anything.
 //!
@@ -26,7 +27,8 @@ use rusqlite::{
 };
 use secrecy::SecretString;
 
-use super::crypto::{EncryptionKey, KeyCheck, TokenColumn};
+use super::crypto::{KeyCheck, KeyRing, TokenColumn};
+use super::rotation::{self, DueRow, KeyStatus, ReencryptBatch, Resealed, RotationCursor};
 use super::{lease_version, open_stored_token, seal_tokens};
 use super::{
     AccessToken, Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome,
@@ -102,8 +104,9 @@ pub enum OpenError {
     /// The store was created with another encryption key.
     #[error(
         "the encryption key given (key id {given_key_id}) does not match the key this token \
-         store was created with (key id {expected_key_id}); start the gateway with the original \
-         key file or environment variable"
+         store was created with or last rotated to (key id {expected_key_id}); start the \
+         gateway with that key file or environment variable (as encryption_key, or in \
+         previous_keys during a rotation)"
     )]
     WrongKey {
         expected_key_id: String,
@@ -137,7 +140,8 @@ pub struct SqliteStore {
 
 struct Shared {
     conn: Mutex<DbConnection>,
-    key: EncryptionKey,
+    key: KeyRing,
+    /// The primary key's id.
     key_id: String,
     path: PathBuf,
 }
@@ -153,11 +157,13 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens the store at `path`, creating it (file mode 0600 on Unix) when missing and
-    /// migrating its schema; fails with [`OpenError::WrongKey`] when `key` is not the key the
-    /// store was created with.
+    /// migrating its schema; fails with [`OpenError::WrongKey`] when no key of `key` (an
+    /// [`EncryptionKey`](super::crypto::EncryptionKey), or a [`KeyRing`] during a rotation) is
+    /// the store's key.
     ///
     /// Blocking: call it at start-up or from `spawn_blocking`.
-    pub fn open(path: &Path, key: EncryptionKey) -> Result<Self, OpenError> {
+    pub fn open(path: &Path, key: impl Into<KeyRing>) -> Result<Self, OpenError> {
+        let mut key = key.into();
         let unavailable = |reason: String| OpenError::Unavailable {
             path: path.to_path_buf(),
             reason,
@@ -170,8 +176,8 @@ impl SqliteStore {
             .map_err(|e| unavailable(format!("sqlite: {e}")))?;
         configure(&conn).map_err(unavailable)?;
         migrate(&mut conn, path, &key)?;
-        check_key(&conn, path, &key)?;
-        let key_id = key.key_id();
+        check_key(&conn, path, &mut key)?;
+        let key_id = key.primary_key_id();
         Ok(Self {
             shared: Arc::new(Shared {
                 conn: Mutex::new(conn),
@@ -268,7 +274,7 @@ fn configure(conn: &DbConnection) -> Result<(), String> {
 
 /// Creates or upgrades the schema, one transaction per run. Future versions add arms that
 /// step `user_version` forward one migration at a time.
-fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<(), OpenError> {
+fn migrate(conn: &mut DbConnection, path: &Path, key: &KeyRing) -> Result<(), OpenError> {
     let unavailable = |e: rusqlite::Error| OpenError::Unavailable {
         path: path.to_path_buf(),
         reason: format!("sqlite: {e}"),
@@ -301,7 +307,7 @@ fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<
             tx.execute(
                 "INSERT INTO meta (id, key_id, key_check, version_floor, created_at) \
                  VALUES (1, ?1, ?2, 0, ?3)",
-                params![key.key_id(), check, SystemClock.now()],
+                params![key.primary_key_id(), check, SystemClock.now()],
             )
             .map_err(unavailable)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -328,7 +334,7 @@ fn migrate(conn: &mut DbConnection, path: &Path, key: &EncryptionKey) -> Result<
     tx.commit().map_err(unavailable)
 }
 
-fn check_key(conn: &DbConnection, path: &Path, key: &EncryptionKey) -> Result<(), OpenError> {
+fn check_key(conn: &DbConnection, path: &Path, key: &mut KeyRing) -> Result<(), OpenError> {
     let damaged = |reason: String| OpenError::Damaged {
         path: path.to_path_buf(),
         reason,
@@ -342,7 +348,7 @@ fn check_key(conn: &DbConnection, path: &Path, key: &EncryptionKey) -> Result<()
         .optional()
         .map_err(|e| damaged(format!("sqlite: {e}")))?
         .ok_or_else(|| damaged("the key check record is missing".to_owned()))?;
-    match key.check_against(&expected_key_id, &check) {
+    match key.accept_key_check(&expected_key_id, &check) {
         KeyCheck::Matches => Ok(()),
         KeyCheck::Damaged => Err(damaged(
             "the key check record does not decrypt although its key id matches the key given"
@@ -350,7 +356,7 @@ fn check_key(conn: &DbConnection, path: &Path, key: &EncryptionKey) -> Result<()
         )),
         KeyCheck::WrongKey { expected_key_id } => Err(OpenError::WrongKey {
             expected_key_id,
-            given_key_id: key.key_id(),
+            given_key_id: key.describe(),
         }),
     }
 }
@@ -403,7 +409,7 @@ fn parse_status(key: &ConnectionKey, status: &str) -> Result<ConnectionStatus, S
 }
 
 fn decrypt_row(
-    enc: &EncryptionKey,
+    enc: &KeyRing,
     key: &ConnectionKey,
     row: StoredRow,
 ) -> Result<Connection, StoreError> {
@@ -449,6 +455,107 @@ fn immediate(conn: &mut DbConnection) -> Result<rusqlite::Transaction<'_>, Store
     // upgrade could fail with SQLITE_BUSY regardless of busy_timeout.
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(unavailable)
+}
+
+/// Each token's label for [`KeyStatus::tally`]: its key id, `'1'` for format 1, `''` for none.
+const KEY_LABELS: &str = "SELECT \
+    CASE WHEN length(refresh_token) >= 9 AND substr(refresh_token, 1, 1) = x'02' \
+         THEN lower(hex(substr(refresh_token, 2, 8))) ELSE '1' END, \
+    CASE WHEN access_token IS NULL THEN '' \
+         WHEN length(access_token) >= 9 AND substr(access_token, 1, 1) = x'02' \
+         THEN lower(hex(substr(access_token, 2, 8))) ELSE '1' END, \
+    count(*) FROM connections GROUP BY 1, 2";
+
+/// The connections due for re-sealing (a token not starting with `?2`, the primary key's
+/// prefix) after `?1`, in key order, at most `?3`.
+const SELECT_DUE: &str = "SELECT key, version, refresh_token, access_token FROM connections \
+    WHERE key > ?1 AND (substr(refresh_token, 1, 9) IS NOT ?2 \
+    OR (access_token IS NOT NULL AND substr(access_token, 1, 9) IS NOT ?2)) \
+    ORDER BY key LIMIT ?3";
+
+/// Counts the connections by key id, in `conn`'s transaction.
+fn key_status_in(conn: &DbConnection, ring: &KeyRing) -> Result<KeyStatus, StoreError> {
+    let check_key_id: String = conn
+        .query_row("SELECT key_id FROM meta WHERE id = 1", [], |row| row.get(0))
+        .map_err(unavailable)?;
+    let mut statement = conn.prepare(KEY_LABELS).map_err(unavailable)?;
+    let groups = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .map_err(unavailable)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unavailable)?;
+    Ok(KeyStatus::tally(
+        ring.primary_key_id(),
+        check_key_id,
+        groups,
+    ))
+}
+
+impl SqliteStore {
+    /// A rotation batch's read: the due rows after `after`, without the write lock.
+    async fn read_due(
+        &self,
+        after: Option<&RotationCursor>,
+        limit: u32,
+    ) -> Result<Vec<DueRow>, StoreError> {
+        let after = after.map_or_else(String::new, |cursor| cursor.0.clone());
+        self.run(move |conn, shared| {
+            let prefix = shared.key.current_prefix();
+            let mut statement = conn.prepare(SELECT_DUE).map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![after, &prefix[..], limit], |row| {
+                    Ok(DueRow {
+                        stored_key: row.get(0)?,
+                        version: row.get(1)?,
+                        refresh: row.get(2)?,
+                        access: row.get(3)?,
+                    })
+                })
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable);
+            rows
+        })
+        .await
+    }
+
+    /// A rotation batch's write, one short IMMEDIATE transaction: each row only if it still
+    /// holds the version and ciphertexts it was read with. Returns (written, raced).
+    async fn write_resealed(&self, rows: Vec<Resealed>) -> Result<(u64, u64), StoreError> {
+        if rows.is_empty() {
+            return Ok((0, 0));
+        }
+        self.run(move |conn, shared| {
+            let tx = immediate(conn)?;
+            let (mut written, mut raced) = (0, 0);
+            for row in rows {
+                let changed = tx
+                    .execute(
+                        "UPDATE connections SET refresh_token = ?1, access_token = ?2, \
+                         key_id = ?3 WHERE key = ?4 AND version = ?5 AND refresh_token = ?6 \
+                         AND access_token IS ?7",
+                        params![
+                            row.refresh,
+                            row.access,
+                            shared.key_id,
+                            row.key.as_str(),
+                            row.version,
+                            row.old_refresh,
+                            row.old_access,
+                        ],
+                    )
+                    .map_err(unavailable)?;
+                if changed == 1 {
+                    written += 1;
+                } else {
+                    raced += 1;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok((written, raced))
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -688,6 +795,14 @@ impl TokenStore for SqliteStore {
 
     /// Rows whose key or status is unreadable are left out (and logged), so one damaged row
     /// cannot hide every other connection from operators.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|conn, _| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.run(|conn, _| {
             let mut statement = conn
@@ -973,6 +1088,57 @@ impl TokenStore for SqliteStore {
         })
         .await
     }
+
+    async fn key_status(&self) -> Result<KeyStatus, StoreError> {
+        self.run(|conn, shared| {
+            // One read transaction: the record and the counts from the same snapshot.
+            let tx = conn.transaction().map_err(unavailable)?;
+            key_status_in(&tx, &shared.key)
+        })
+        .await
+    }
+
+    /// Reads without the write lock, re-seals outside the database, then writes each row by
+    /// compare-and-swap on its version and ciphertexts: the serving process's writes wait at
+    /// most for the short write transaction (and the busy timeout covers a second process).
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&RotationCursor>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        let rows = self.read_due(after, limit).await?;
+        let mut batch = ReencryptBatch::default();
+        let resealed = rotation::reseal_rows(&self.shared.key, rows, limit, &mut batch)?;
+        (batch.resealed, batch.raced) = self.write_resealed(resealed).await?;
+        Ok(batch)
+    }
+
+    async fn complete_rotation(&self) -> Result<KeyStatus, StoreError> {
+        self.run(|conn, shared| {
+            let tx = immediate(conn)?;
+            let mut status = key_status_in(&tx, &shared.key)?;
+            if status.pending == 0 && status.check_key_id != status.primary_key_id {
+                let check = shared
+                    .key
+                    .seal_key_check()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                tx.execute(
+                    "UPDATE meta SET key_id = ?1, key_check = ?2 WHERE id = 1",
+                    params![shared.key_id, check],
+                )
+                .map_err(unavailable)?;
+                tx.commit().map_err(unavailable)?;
+                tracing::info!(
+                    key_id = %shared.key_id,
+                    previous_key_id = %status.check_key_id,
+                    "key rotation complete: the store's key check is now sealed under the primary key"
+                );
+                status.check_key_id = shared.key_id.clone();
+            }
+            Ok(status)
+        })
+        .await
+    }
 }
 
 /// The embedded store's refresh lease: the row read under the manager's in-process lock; its
@@ -1073,6 +1239,7 @@ impl RefreshLease for SqliteLease {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::crypto::EncryptionKey;
 
     #[test]
     fn open_configures_wal_full_sync_and_schema_version() {
@@ -1139,7 +1306,7 @@ mod tests {
         let key = EncryptionKey::generate();
         let again = EncryptionKey::from_base64(
             secrecy::ExposeSecret::expose_secret(&key.to_base64()),
-            super::super::crypto::KeySource::Env("TEST".into()),
+            crate::secret::SecretRef::Env("TEST".into()),
         )
         .unwrap();
         drop(SqliteStore::open(&path, key).unwrap());
@@ -1149,5 +1316,152 @@ mod tests {
             .unwrap();
         let err = SqliteStore::open(&path, again).unwrap_err();
         assert!(matches!(err, OpenError::Damaged { .. }), "{err}");
+    }
+
+    fn copy(key: &EncryptionKey) -> EncryptionKey {
+        EncryptionKey::from_base64(
+            secrecy::ExposeSecret::expose_secret(&key.to_base64()),
+            crate::secret::SecretRef::Env("TEST".into()),
+        )
+        .unwrap()
+    }
+
+    fn ring(primary: &EncryptionKey, previous: &EncryptionKey) -> KeyRing {
+        KeyRing::new(copy(primary), [copy(previous)])
+    }
+
+    fn consent(refresh: &str, access: Option<&str>) -> super::super::NewConnection {
+        super::super::NewConnection {
+            refresh_token: SecretString::from(refresh),
+            access: access.map(|token| AccessToken {
+                token: SecretString::from(token),
+                expires_at: 99,
+            }),
+            scope: None,
+        }
+    }
+
+    fn secret_of(token: &SecretString) -> &str {
+        secrecy::ExposeSecret::expose_secret(token)
+    }
+
+    /// A store as a build before key rotation left it (every value and the key check in format
+    /// 1) opens with a ring holding its key, and a rotation moves it to format 2.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_format_1_store_opens_with_a_ring_and_rotates_into_format_2() {
+        use crate::store::crypto::token_associated_data;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let (alice, bob) = (
+            ConnectionKey::user("alice").unwrap(),
+            ConnectionKey::user("bob").unwrap(),
+        );
+        {
+            let store = SqliteStore::open(&path, copy(&old)).unwrap();
+            store
+                .put_connection(&alice, &consent("r-a", Some("a-a")), 1)
+                .await
+                .unwrap();
+            store
+                .put_connection(&bob, &consent("r-b", None), 1)
+                .await
+                .unwrap();
+        }
+        let raw = DbConnection::open(&path).unwrap();
+        let v1 = |key: &ConnectionKey, column: TokenColumn, token: &str| {
+            old.encrypt_format1(token.as_bytes(), &token_associated_data(key, column))
+        };
+        raw.execute(
+            "UPDATE connections SET refresh_token = ?1, access_token = ?2 WHERE key = 'alice'",
+            params![
+                v1(&alice, TokenColumn::RefreshToken, "r-a"),
+                v1(&alice, TokenColumn::AccessToken, "a-a")
+            ],
+        )
+        .unwrap();
+        raw.execute(
+            "UPDATE connections SET refresh_token = ?1 WHERE key = 'bob'",
+            params![v1(&bob, TokenColumn::RefreshToken, "r-b")],
+        )
+        .unwrap();
+        raw.execute(
+            "UPDATE meta SET key_check = ?1 WHERE id = 1",
+            params![old.seal_key_check_format1()],
+        )
+        .unwrap();
+        drop(raw);
+
+        let rotating = SqliteStore::open(&path, ring(&new, &old)).unwrap();
+        let loaded = rotating.load(&alice).await.unwrap().unwrap();
+        assert_eq!(secret_of(&loaded.refresh_token), "r-a");
+        assert_eq!(secret_of(&loaded.access.unwrap().token), "a-a");
+        let status = rotating.key_status().await.unwrap();
+        assert_eq!((status.format1, status.pending, status.current), (2, 2, 0));
+        assert_eq!(status.by_key_id.get(&old.key_id()), Some(&2));
+
+        let done = rotation::rotate(&rotating, &rotation::RotationOptions::default(), |_| {})
+            .await
+            .unwrap();
+        assert!(done.is_complete());
+        assert_eq!(done.format1, 0);
+        drop(rotating);
+        let new_only = SqliteStore::open(&path, copy(&new)).unwrap();
+        let loaded = new_only.load(&bob).await.unwrap().unwrap();
+        assert_eq!(secret_of(&loaded.refresh_token), "r-b");
+        assert!(matches!(
+            SqliteStore::open(&path, copy(&old)),
+            Err(OpenError::WrongKey { .. })
+        ));
+    }
+
+    /// The compare-and-swap of a batch's write, made to lose on purpose: a refresh commits
+    /// (from another process, still under the old key) between the batch's read and its write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_between_a_batchs_read_and_its_write_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let alice = ConnectionKey::user("alice").unwrap();
+        let serving = SqliteStore::open(&path, copy(&old)).unwrap();
+        let put = serving
+            .put_connection(&alice, &consent("r-0", None), 1)
+            .await
+            .unwrap();
+        let rotating = SqliteStore::open(&path, ring(&new, &old)).unwrap();
+
+        let rows = rotating.read_due(None, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let mut batch = ReencryptBatch::default();
+        let resealed = rotation::reseal_rows(&rotating.shared.key, rows, 10, &mut batch).unwrap();
+        let grant = TokenGrant {
+            access: AccessToken {
+                token: SecretString::from("a-1"),
+                expires_at: 99,
+            },
+            refresh_token: Some(SecretString::from("r-1")),
+            scope: None,
+        };
+        serving
+            .commit_refresh(&alice, put.version, &grant, 2)
+            .await
+            .unwrap();
+        assert_eq!(rotating.write_resealed(resealed).await.unwrap(), (0, 1));
+
+        let loaded = rotating.load(&alice).await.unwrap().unwrap();
+        assert_eq!(secret_of(&loaded.refresh_token), "r-1");
+        assert_eq!(secret_of(&loaded.access.unwrap().token), "a-1");
+        // The next pass picks the row up again.
+        let again = rotating.reencrypt_batch(None, 10).await.unwrap();
+        assert_eq!((again.examined, again.resealed, again.raced), (1, 1, 0));
+        assert!(rotating.complete_rotation().await.unwrap().is_complete());
+        drop((serving, rotating));
+        let loaded = SqliteStore::open(&path, copy(&new))
+            .unwrap()
+            .load(&alice)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(secret_of(&loaded.refresh_token), "r-1");
     }
 }

@@ -68,13 +68,14 @@ pub struct TokenClient {
     client_secret: SecretString,
 }
 
-/// `expires_in` when finX's answer has none (finx-api.md §3: access tokens live an hour).
+/// `expires_in` when finX's answer has none (finX's access tokens live an hour).
 const DEFAULT_EXPIRES_IN: i64 = 3600;
 
 /// Reads a successful token answer. Lenient on purpose: by the time this runs finX has already
 /// rotated the refresh token, so a rotated token must be kept whatever else is odd about the
 /// answer. A missing access token becomes an empty, already-expired one (stored, never used).
-fn parse_grant(body: &[u8], now: UnixSeconds) -> Result<TokenGrant, TokenFailure> {
+/// Public for the fuzz targets.
+pub fn parse_grant(body: &[u8], now: UnixSeconds) -> Result<TokenGrant, TokenFailure> {
     let unreadable = TokenFailure::Unavailable {
         reason: "unreadable token answer",
         retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
@@ -252,11 +253,12 @@ fn oauth_error_names(body: &[u8]) -> Vec<String> {
     }
 }
 
-/// Maps a non-2xx token answer to its failure class.
-pub(crate) fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) -> TokenFailure {
+/// Maps a non-2xx token answer to its failure class. Public for the fuzz targets.
+pub fn classify_error(status: u16, body: &[u8], retry_after_secs: u64) -> TokenFailure {
     let names = oauth_error_names(body);
     let named = |wanted: &str| names.iter().any(|n| n.trim() == wanted);
-    if (400..500).contains(&status) && named("invalid_grant") {
+    // A 429 says the request was not served (like a 503), whatever its body names.
+    if (400..500).contains(&status) && status != 429 && named("invalid_grant") {
         return TokenFailure::InvalidGrant;
     }
     if named("invalid_client") || status == 401 {
@@ -341,6 +343,14 @@ mod tests {
         assert!(matches!(
             classify_error(429, b"not json", 2),
             TokenFailure::Unavailable { .. }
+        ));
+        // A rate limit is never a verdict on the grant.
+        assert!(matches!(
+            classify_error(429, br#"{"error":"invalid_grant"}"#, 2),
+            TokenFailure::Unavailable {
+                not_processed: true,
+                ..
+            }
         ));
         // A 5xx that happens to mention invalid_grant is still a server failure; other than a
         // 503 it may have come after the rotation, so it is not retried at once.

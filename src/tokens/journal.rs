@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::memory::Uncommitted;
-use crate::store::crypto::EncryptionKey;
+use crate::store::crypto::KeyRing;
 use crate::store::{AccessToken, ConnectionKey, TokenGrant};
 
 /// Compact once the file is larger than this.
@@ -75,7 +75,9 @@ pub struct Journal {
 
 struct Inner {
     path: PathBuf,
-    key: EncryptionKey,
+    /// Seals under the store's primary key; opens entries an earlier run sealed under a key
+    /// that is now a previous key (a restart in the middle of a key rotation).
+    key: KeyRing,
     state: Mutex<State>,
 }
 
@@ -84,11 +86,11 @@ fn associated_data(key: &ConnectionKey, column: &str) -> Vec<u8> {
 }
 
 impl Journal {
-    pub fn new(path: PathBuf, key: EncryptionKey) -> Self {
+    pub fn new(path: PathBuf, key: impl Into<KeyRing>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 path,
-                key,
+                key: key.into(),
                 state: Mutex::new(State {
                     file: None,
                     next_seq: 1,
@@ -356,6 +358,7 @@ fn private_options() -> std::fs::OpenOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::crypto::EncryptionKey;
 
     fn pending(version: i64, refresh: &str) -> Uncommitted {
         Uncommitted {
@@ -384,7 +387,7 @@ mod tests {
                 path.clone(),
                 EncryptionKey::from_base64(
                     b64.expose_secret(),
-                    crate::store::crypto::KeySource::Env("T".into()),
+                    crate::secret::SecretRef::Env("T".into()),
                 )
                 .unwrap(),
             )
@@ -434,5 +437,37 @@ mod tests {
 
         let other = Journal::new(path.clone(), EncryptionKey::generate());
         assert!(matches!(other.recover(), Err(JournalError::Damaged { .. })));
+    }
+
+    /// A restart in the middle of a key rotation (the new key primary, the old one previous)
+    /// recovers what the last run sealed under the old key.
+    #[test]
+    fn grants_sealed_under_a_previous_key_are_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let copy = |key: &EncryptionKey| {
+            EncryptionKey::from_base64(
+                key.to_base64().expose_secret(),
+                crate::secret::SecretRef::Env("T".into()),
+            )
+            .unwrap()
+        };
+        let journal = Journal::new(path.clone(), copy(&old));
+        assert!(journal.recover().unwrap().is_empty());
+        let alice = ConnectionKey::user("alice").unwrap();
+        journal
+            .record(&alice, &pending(4, "refresh-CANARY-a"))
+            .unwrap();
+
+        let rotated = Journal::new(path.clone(), KeyRing::new(copy(&new), [copy(&old)]));
+        let recovered = rotated.recover().unwrap();
+        assert_eq!(recovered.len(), 1);
+        let refresh = recovered[0].1.grant.refresh_token.as_ref().unwrap();
+        assert_eq!(refresh.expose_secret(), "refresh-CANARY-a");
+        assert!(matches!(
+            Journal::new(path, copy(&new)).recover(),
+            Err(JournalError::Damaged { .. })
+        ));
     }
 }

@@ -10,6 +10,10 @@
 //! Passes are spread by jitter; refreshes run at most `concurrency` at a time and at most
 //! `rate_per_sec` per second towards finX. `reauth_required` and revoked connections are never
 //! touched. Failures are logged per connection and counted.
+//!
+//! After its refreshes, each pass lists the connections (metadata only) and announces those
+//! still within `[events] near_lapse_days` of lapsing (a `near_lapse` event, once per
+//! refresh-token issue): the ones the keeper could not refresh in time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,6 +53,8 @@ pub struct KeeperReport {
     pub not_due: usize,
     /// Could not be refreshed (logged one by one).
     pub failed: usize,
+    /// Connections announced as near lapse by this pass (not those announced before).
+    pub near_lapse: usize,
 }
 
 /// See the module docs.
@@ -144,22 +150,39 @@ impl Keeper {
                 Err(_) => report.failed += 1,
             }
         }
+        report.near_lapse = self.announce_near_lapse().await;
         self.failures
             .fetch_add(report.failed as u64, Ordering::Relaxed);
         self.passes.fetch_add(1, Ordering::Relaxed);
         inner
             .memory
             .prune(now, inner.settings.forced_refresh_interval.as_secs() as i64);
-        if report.due > 0 {
+        if report.due > 0 || report.near_lapse > 0 {
             tracing::info!(
                 due = report.due,
                 refreshed = report.refreshed,
                 not_due = report.not_due,
                 failed = report.failed,
+                near_lapse = report.near_lapse,
                 "keeper pass"
             );
         }
         report
+    }
+
+    /// Announces the connections near lapse after this pass's refreshes; how many were new.
+    async fn announce_near_lapse(&self) -> usize {
+        let inner = &self.manager.inner;
+        match inner.store.list().await {
+            Ok(connections) => inner
+                .settings
+                .events
+                .check_near_lapse(&connections, inner.clock.now()),
+            Err(error) => {
+                tracing::warn!(%error, "keeper: connections near lapse not checked: the store cannot be listed");
+                0
+            }
+        }
     }
 
     /// Passes completed so far.

@@ -38,6 +38,9 @@ pub struct Entry {
     pub backoff_until: UnixSeconds,
     /// Consecutive retryable failures, for the growing cool-down.
     pub failures: u32,
+    /// Consecutive grants whose access token could not be used (missing, or inside
+    /// `refresh_skew`). Each is a new row version, so this is kept across versions.
+    pub unusable_grants: u32,
     /// The last refresh forced by a finX 401, and the version it replaced.
     pub forced_at: Option<UnixSeconds>,
     pub forced_version: i64,
@@ -56,6 +59,7 @@ impl Entry {
             || self.rejected
             || self.backoff_until > now
             || self.uncommitted.is_some()
+            || self.unusable_grants > 0
             || self
                 .forced_at
                 .is_some_and(|at| at + forced_interval_secs > now)
@@ -104,6 +108,7 @@ impl Memory {
                     uncommitted,
                     forced_at,
                     forced_version,
+                    unusable_grants: entry.unusable_grants,
                     ..Entry::default()
                 };
             }

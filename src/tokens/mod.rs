@@ -17,8 +17,10 @@
 //!   uncommitted grants, one entry per connection keyed to the row version it concerns. A grant
 //!   the store refused is also written to the local [`journal`].
 //! - **Keeper** ([`keeper`]): refreshes idle connections before finX lets them lapse.
+//! - **Events**: a connection that becomes `reauth_required`, recovers with a new consent or
+//!   nears its lapse is announced through the [`Events`] handle of [`TokenSettings`].
 //!
-//! This module may depend on `store` and `clock`; `proxy` and `connect` build on it.
+//! This module may depend on `events`, `store` and `clock`; `proxy` and `connect` build on it.
 
 pub mod client;
 pub mod journal;
@@ -39,13 +41,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, UnixSeconds};
-use crate::store::{Connection, ConnectionKey, NewConnection, StoreError, TokenStore};
+use crate::events::{EventKind, Events};
+use crate::metrics::Metrics;
+use crate::store::{
+    Connection, ConnectionKey, ConnectionStatus, NewConnection, StoreError, TokenStore,
+};
 pub use client::{TokenClient, TokenEndpoint, TokenFailure};
 use journal::Journal;
 use locks::KeyedLocks;
 use memory::{Memory, Uncommitted};
 
-/// Why no credential could be produced. Each maps to one answer in `crate::error`.
+/// Why no credential could be produced. Each maps to one answer in the error mapping (`src/error.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("no stored connection")]
@@ -130,11 +136,17 @@ pub struct TokenSettings {
     /// Processes known to have stopped (earlier holders of this process's serving lock): their
     /// refresh intents are finished at once.
     pub predecessors: Vec<String>,
+    /// Where the cache, refreshes and waits are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where connection events are recorded (and from where they are delivered, on the
+    /// manager's runtime).
+    pub events: Events,
 }
 
 impl TokenSettings {
     /// Defaults for tests and benches: the documented defaults of `[tokens]`.
     pub fn with_defaults(refresh_skew: Duration) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             refresh_skew,
             refresh_ahead: 0.1,
@@ -146,6 +158,12 @@ impl TokenSettings {
             rotation_grace: Duration::ZERO,
             touch_interval: Duration::from_secs(24 * 3600),
             predecessors: Vec::new(),
+            events: Events::new(
+                Default::default(),
+                metrics.clone(),
+                Arc::new(crate::clock::SystemClock),
+            ),
+            metrics,
         }
     }
 }
@@ -341,6 +359,7 @@ impl TokenManager {
         if let (Some(journal), None) = (&journal, &refresh_gate) {
             adopt_journal(journal, &memory)?;
         }
+        settings.events.start_delivery(runtime.handle());
         let gate = std::sync::OnceLock::new();
         if let Some(refresh_gate) = refresh_gate {
             let _ = gate.set(refresh_gate);
@@ -378,6 +397,7 @@ impl TokenManager {
         let now = inner.clock.now();
         if let Some(hit) = inner.cache.get(key).await {
             if hit.expires_at - inner.skew_secs > now {
+                inner.settings.metrics.cache_hits.inc();
                 if now >= hit.refresh_at && !hit.flags.ahead_started.swap(true, Ordering::Relaxed) {
                     inner.spawn_refresh_ahead(key.clone());
                 }
@@ -390,12 +410,14 @@ impl TokenManager {
             }
             inner.cache.invalidate(key).await;
         }
+        inner.settings.metrics.cache_misses.inc();
         let loaded = self.load_shared(key).await?;
         if loaded.source == TokenSource::Refresh {
             inner
                 .counters
                 .requests_waited
                 .fetch_add(1, Ordering::Relaxed);
+            inner.settings.metrics.requests_waited.inc();
         }
         inner.touch_if_due(key, &loaded, now);
         Ok(Credential {
@@ -463,7 +485,8 @@ impl TokenManager {
 
     /// Stores a new consent for `key` (a completed connect flow) under the connection's lock,
     /// so it cannot interleave with a refresh of the grant it replaces, and forgets everything
-    /// known about that older grant.
+    /// known about that older grant. A consent for a connection that was `reauth_required` or
+    /// revoked is announced as `recovered`.
     pub async fn store_consent(
         &self,
         key: &ConnectionKey,
@@ -471,10 +494,23 @@ impl TokenManager {
     ) -> Result<Connection, StoreError> {
         let inner = &self.inner;
         let _held = inner.locks.lock(key).await;
+        let ended = inner.ended_status(key).await;
         let stored = inner
             .store
             .put_connection(key, consent, inner.clock.now())
             .await?;
+        if let Some(ended) = ended {
+            let reason = match ended {
+                ConnectionStatus::Revoked => "consent_after_revoked",
+                _ => "consent_after_reauth_required",
+            };
+            inner.settings.events.record_occurrence(
+                EventKind::Recovered,
+                key,
+                reason,
+                stored.version,
+            );
+        }
         // The consent replaces any grant that was waiting to be stored.
         let replaced = inner.memory.update(key, |entry| entry.uncommitted.take());
         inner.memory.forget(key);
@@ -483,6 +519,41 @@ impl TokenManager {
         }
         inner.cache.invalidate(key).await;
         Ok(stored)
+    }
+
+    /// An operator revoked `key`: marks it `revoked` under the connection's lock and forgets
+    /// its cached access token and everything remembered about its grant, so every later
+    /// request for it is refused. [`StoreError::NotFound`] when there is no such connection.
+    pub async fn revoke(&self, key: &ConnectionKey) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        {
+            let _held = inner.locks.lock(key).await;
+            inner
+                .store
+                .set_status(key, ConnectionStatus::Revoked, inner.clock.now())
+                .await?;
+            inner.forget_grant(key).await;
+        }
+        inner.settle_cache(key).await;
+        inner
+            .settings
+            .events
+            .record(EventKind::Revoked, key, "operator");
+        Ok(())
+    }
+
+    /// An operator purged `key`: deletes the stored grant under the connection's lock and
+    /// forgets its cached access token; `false` when there was none.
+    pub async fn purge(&self, key: &ConnectionKey) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let deleted = {
+            let _held = inner.locks.lock(key).await;
+            let deleted = inner.store.delete(key).await?;
+            inner.forget_grant(key).await;
+            deleted
+        };
+        inner.settle_cache(key).await;
+        Ok(deleted)
     }
 
     /// Background tasks in flight (refreshes, refreshes ahead, touches, keeper passes).
@@ -579,6 +650,17 @@ impl TokenManager {
         }
     }
 
+    /// Where connection events are recorded: the admin listing reads it, and whoever changes a
+    /// connection's state outside the manager (an operator's revoke) records into it.
+    pub fn events(&self) -> &Events {
+        &self.inner.settings.events
+    }
+
+    /// The metrics this manager counts into (shared with the proxy and the admin listener).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.settings.metrics
+    }
+
     /// This process's id in refresh intents.
     pub fn owner(&self) -> &str {
         &self.inner.owner
@@ -601,17 +683,61 @@ impl Inner {
             .spawn(self.worker.tracker.track_future(work));
     }
 
+    /// The status of `key`'s connection if it has ended (`reauth_required`, also when only this
+    /// process knows finX declared it dead, or revoked); `None` when it is active, absent or
+    /// unreadable.
+    async fn ended_status(&self, key: &ConnectionKey) -> Option<ConnectionStatus> {
+        let connection = match self.store.load(key).await {
+            Ok(connection) => connection?,
+            Err(error) => {
+                tracing::debug!(connection = %key, %error, "the connection a consent replaces could not be read");
+                return None;
+            }
+        };
+        let entry = self.memory.get(key);
+        match connection.status {
+            ConnectionStatus::Active if entry.concerns(connection.version) && entry.dead => {
+                Some(ConnectionStatus::ReauthRequired)
+            }
+            ConnectionStatus::Active => None,
+            ended => Some(ended),
+        }
+    }
+
     /// One background refresh ahead of expiry; the still-valid token keeps being served.
     fn spawn_refresh_ahead(self: &Arc<Self>, key: ConnectionKey) {
         let inner = self.clone();
         self.spawn_tracked(async move {
-            match inner.locked_token(&key, refresh::Mode::Ahead).await {
-                Ok(token) => inner.cache.insert(key, token).await,
-                Err(error) => {
-                    tracing::warn!(connection = %key, %error, "refresh ahead of expiry failed; the current token is served until it must be refreshed")
-                }
+            if let Err(error) = inner.refresh_ahead(&key).await {
+                tracing::warn!(connection = %key, %error, "refresh ahead of expiry failed; the current token is served until it must be refreshed")
             }
         });
+    }
+
+    /// Forgets everything known about `key`'s grant: its cached access token, what memory
+    /// holds about it, and a rotated grant still waiting to be stored (the connection it
+    /// belonged to was revoked or deleted). Called under the connection's lock.
+    async fn forget_grant(&self, key: &ConnectionKey) {
+        let dropped = self.memory.update(key, |entry| entry.uncommitted.take());
+        self.memory.forget(key);
+        if let Some(seq) = dropped.and_then(|pending| pending.journal_seq) {
+            self.journal_done(seq).await;
+        }
+        self.cache.invalidate(key).await;
+    }
+
+    /// Waits for a coalesced load of `key` still in flight (it may cache a token after an
+    /// invalidation made under the lock), then drops whatever is cached. A load that starts
+    /// later reads the store as it is now.
+    async fn settle_cache(&self, key: &ConnectionKey) {
+        // Joins the load in flight, if any; otherwise this init runs and caches nothing.
+        let _ = self
+            .cache
+            .try_get_with(key.clone(), async {
+                Err::<CachedToken, TokenError>(TokenError::NotFound)
+            })
+            .await;
+        self.cache.invalidate(key).await;
     }
 
     /// Records the connection's data call in the store when the last record is older than

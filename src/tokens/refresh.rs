@@ -25,6 +25,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::memory::Uncommitted;
 use super::{CachedToken, EntryFlags, Inner, TokenError, TokenFailure, TokenSource};
 use crate::clock::UnixSeconds;
+use crate::events::EventKind;
+use crate::metrics::RefreshOutcome;
 use crate::store::{
     Connection, ConnectionKey, ConnectionStatus, RefreshLease, StoreError, TokenGrant,
 };
@@ -101,6 +103,19 @@ impl Inner {
             }
             Outcome::NotDue => Ok(false),
         }
+    }
+
+    /// A refresh ahead of expiry; its token is cached before the connection's lock is
+    /// released, so an operator's revoke or purge (which take the lock) cannot be overtaken by
+    /// it.
+    pub(super) async fn refresh_ahead(
+        self: &Arc<Self>,
+        key: &ConnectionKey,
+    ) -> Result<(), TokenError> {
+        let _held = self.locks.lock(key).await;
+        let token = self.token(self.run(key, Mode::Ahead).await?)?;
+        self.cache.insert(key.clone(), token).await;
+        Ok(())
     }
 
     fn token(&self, outcome: Outcome) -> Result<CachedToken, TokenError> {
@@ -574,7 +589,19 @@ impl Inner {
         let deadline = Instant::now() + RETRY_BUDGET;
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.endpoint.refresh(refresh_token, self.clock.now()).await {
+            let asked = Instant::now();
+            let answer = self.endpoint.refresh(refresh_token, self.clock.now()).await;
+            let outcome = match &answer {
+                Ok(_) => RefreshOutcome::Ok,
+                Err(TokenFailure::InvalidGrant) => RefreshOutcome::InvalidGrant,
+                Err(TokenFailure::Rejected(_)) => RefreshOutcome::InvalidClient,
+                Err(TokenFailure::Unavailable { .. }) => RefreshOutcome::Transient,
+                Err(TokenFailure::Timeout) => RefreshOutcome::Timeout,
+            };
+            self.settings
+                .metrics
+                .record_refresh(outcome, asked.elapsed().as_secs_f64());
+            match answer {
                 Err(TokenFailure::Unavailable {
                     not_processed: true,
                     retry_after_secs,
@@ -691,10 +718,18 @@ impl Inner {
                 // for this grant (a newer row, e.g. a new consent, is not affected).
                 self.memory
                     .judge_version(key, version, |entry| entry.dead = true);
-                match lease
+                let marked = lease
                     .set_status(ConnectionStatus::ReauthRequired, now)
-                    .await
-                {
+                    .await;
+                // Announced even if the store missed it: this process treats it as dead, and
+                // the next use of the connection records it.
+                self.settings.events.record_occurrence(
+                    EventKind::ReauthRequired,
+                    key,
+                    "invalid_grant",
+                    version,
+                );
+                match marked {
                     Ok(()) => TokenError::ReauthRequired,
                     Err(e) => store_failure(key, "mark reauth_required", e),
                 }
@@ -742,24 +777,44 @@ impl Inner {
         chosen
     }
 
-    /// The credential of a just-committed grant, if it can be used now. finX answers that are
-    /// missing an access token or expire within the refresh window are stored (their refresh
-    /// token matters) but not used: the request gets 503 instead of a token about to expire.
+    /// The cool-down after a grant whose access token cannot be used: it grows with every such
+    /// grant in a row (1, 2, 4 … s, like [`Self::back_off`]); returns it in seconds.
+    fn back_off_unusable(&self, key: &ConnectionKey, version: i64) -> u64 {
+        let streak = self.memory.get(key).unusable_grants.saturating_add(1);
+        self.memory.judge_version(key, version, |entry| {
+            entry.unusable_grants = streak;
+            entry.failures = streak - 1;
+        });
+        self.back_off(key, version, 1)
+    }
+
+    /// The credential of a just-committed grant. finX answers that are missing an access token
+    /// or expire within `refresh_skew` are stored (their refresh token matters) and start a
+    /// cool-down, so the following requests do not refresh again at once: until it ends they
+    /// are served that token while it has more than [`MIN_REMAINING_SECS`] left (as while finX
+    /// is down), and get 503 with `Retry-After` otherwise.
     fn fresh_grant(
         &self,
         grant: &TokenGrant,
         committed: &Connection,
     ) -> Result<CachedToken, TokenError> {
         let access = &grant.access;
+        let key = &committed.key;
         let now = self.clock.now();
-        if access.token.expose_secret().is_empty() || access.expires_at - self.skew_secs <= now {
+        let missing = access.token.expose_secret().is_empty();
+        if missing || access.expires_at - self.skew_secs <= now {
+            let retry_after_secs = self.back_off_unusable(key, committed.version);
             tracing::warn!(
+                connection = %key,
                 version = committed.version,
-                "finX issued an access token that is missing or shorter than refresh_skew"
+                retry_after_secs,
+                "finX issued an access token that is missing or shorter than refresh_skew; not refreshing again before the cool-down ends"
             );
-            return Err(TokenError::Unavailable {
-                retry_after_secs: 1,
-            });
+            if missing || access.expires_at - now <= MIN_REMAINING_SECS {
+                return Err(TokenError::Unavailable { retry_after_secs });
+            }
+        } else if self.memory.get(key).unusable_grants > 0 {
+            self.memory.update(key, |entry| entry.unusable_grants = 0);
         }
         self.cached(
             &access.token,

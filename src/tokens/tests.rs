@@ -23,6 +23,8 @@ struct Script {
     /// The refresh tokens presented, in order.
     presented: Mutex<Vec<String>>,
     lifetime_secs: i64,
+    /// How long each call takes.
+    delay: Duration,
 }
 
 impl Script {
@@ -51,6 +53,9 @@ impl TokenEndpoint for Script {
             .lock()
             .unwrap()
             .push(refresh_token.expose_secret().to_owned());
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         if let Some(Err(failure)) = self.outcomes.lock().unwrap().pop_front() {
             return Err(failure);
         }
@@ -109,7 +114,7 @@ impl Fixture {
     ) -> TokenManager {
         let key = EncryptionKey::from_base64(
             key_b64.expose_secret(),
-            crate::store::crypto::KeySource::Env("TEST".into()),
+            crate::secret::SecretRef::Env("TEST".into()),
         )
         .unwrap();
         TokenManager::new(
@@ -343,7 +348,7 @@ async fn a_grant_left_in_the_journal_is_committed_after_a_restart() {
             fx.journal_path.clone(),
             EncryptionKey::from_base64(
                 fx.key_b64.expose_secret(),
-                crate::store::crypto::KeySource::Env("TEST".into()),
+                crate::secret::SecretRef::Env("TEST".into()),
             )
             .unwrap(),
         )
@@ -437,4 +442,80 @@ async fn the_keeper_refreshes_due_connections_and_skips_dead_ones() {
     let report = keeper.run_once().await;
     assert_eq!(report.due, 0);
     assert_eq!(fx.script.calls(), calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_or_purged_connection_is_refused_at_once_despite_a_cached_token() {
+    let fx = Fixture::new(Script::with([]));
+    let key = fx.import("rex", Some(fx.clock.now() + 3600)).await;
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap().source,
+        TokenSource::Store
+    );
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap().source,
+        TokenSource::Cache
+    );
+
+    fx.manager.revoke(&key).await.unwrap();
+    assert_eq!(fx.stored(&key).await.status, ConnectionStatus::Revoked);
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap_err(),
+        TokenError::ReauthRequired
+    );
+    assert_eq!(
+        fx.script.calls(),
+        0,
+        "finX is not asked for a revoked connection"
+    );
+
+    // A new consent makes it usable again; a purge removes it.
+    let consent = NewConnection {
+        refresh_token: SecretString::from("rex-refresh-new".to_owned()),
+        access: None,
+        scope: None,
+    };
+    fx.manager.store_consent(&key, &consent).await.unwrap();
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap().source,
+        TokenSource::Refresh
+    );
+    assert!(fx.manager.purge(&key).await.unwrap());
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap_err(),
+        TokenError::NotFound
+    );
+    assert!(!fx.manager.purge(&key).await.unwrap());
+    assert!(matches!(
+        fx.manager.revoke(&key).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_during_a_refresh_waits_for_it_and_leaves_no_token_cached() {
+    let script = Arc::new(Script {
+        lifetime_secs: 3600,
+        delay: Duration::from_millis(300),
+        ..Script::default()
+    });
+    let fx = Fixture::new(script);
+    let key = fx.import("ray", None).await;
+    let request = {
+        let (manager, key) = (fx.manager.clone(), key.clone());
+        tokio::spawn(async move { manager.bearer(&key).await })
+    };
+    eventually("the refresh reached finX", || fx.script.calls() == 1).await;
+    fx.manager.revoke(&key).await.unwrap();
+    // The request that was waiting gets the token refreshed before the revoke …
+    assert_eq!(request.await.unwrap().unwrap().source, TokenSource::Refresh);
+    // … whose rotation was committed, and nobody gets it afterwards.
+    let stored = fx.stored(&key).await;
+    assert_eq!(stored.refresh_token.expose_secret(), "refresh-1");
+    assert_eq!(stored.status, ConnectionStatus::Revoked);
+    assert_eq!(
+        fx.manager.bearer(&key).await.unwrap_err(),
+        TokenError::ReauthRequired
+    );
+    assert_eq!(fx.script.calls(), 1);
 }

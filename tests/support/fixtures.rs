@@ -1,6 +1,7 @@
 //! Building blocks of the store tests: keys, tokens, consents and grants.
 
-use finx_gateway::store::crypto::{EncryptionKey, KeySource};
+use finx_gateway::secret::SecretRef;
+use finx_gateway::store::crypto::EncryptionKey;
 use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection, TokenGrant};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -43,7 +44,7 @@ pub fn grant(access: &str, expires_at: i64, refresh: Option<&str>) -> TokenGrant
 pub fn same_key(key: &EncryptionKey) -> EncryptionKey {
     EncryptionKey::from_base64(
         key.to_base64().expose_secret(),
-        KeySource::Env("TEST".into()),
+        SecretRef::Env("TEST".into()),
     )
     .unwrap()
 }

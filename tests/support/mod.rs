@@ -8,6 +8,8 @@ pub mod fixtures;
 pub mod pg;
 pub mod process;
 
+pub use process::ADMIN_TOKEN;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -77,7 +79,7 @@ pub struct Harness {
     store: Option<Arc<dyn TokenStore>>,
     /// Fault injection into the running gateway's store (nothing injected until told).
     store_faults: Option<Arc<FaultyStore>>,
-    tweak: fn(&mut ConfigFile),
+    tweak: Arc<dyn Fn(&mut ConfigFile) + Send + Sync>,
     /// The gateway's address, fixed across restarts because the callback URL names it.
     listen: SocketAddr,
     /// How many of the next `commit_refresh` calls the gateway's store fails.
@@ -99,6 +101,16 @@ impl Harness {
 
     /// As [`Harness::with`], on the given kind of store.
     pub fn with_store(kind: StoreKind, sim: SimConfig, tweak: fn(&mut ConfigFile)) -> Self {
+        Self::with_config(kind, sim, tweak)
+    }
+
+    /// As [`Harness::with_store`], with a `tweak` that may capture what it needs (a test
+    /// server's address, a secret file).
+    pub fn with_config(
+        kind: StoreKind,
+        sim: SimConfig,
+        tweak: impl Fn(&mut ConfigFile) + Send + Sync + 'static,
+    ) -> Self {
         capture_logs();
         let sim_config = sim.clone();
         let sim = finx_gateway::sim::spawn(sim).expect("simulator starts");
@@ -127,7 +139,7 @@ impl Harness {
             gateway: None,
             store: None,
             store_faults: None,
-            tweak,
+            tweak: Arc::new(tweak),
             caller_token: String::new(),
             listen: finx_gateway::reserve_port("127.0.0.1".parse().unwrap()).expect("free port"),
             failing_commits: Arc::default(),
@@ -144,6 +156,10 @@ impl Harness {
         std::fs::write(&secret_path, self.sim_config().client_secret).expect("secret file");
         let mut file = ConfigFile::default();
         file.listener.address = Some(self.listen.to_string());
+        let admin_path = self.dir.path().join("admin-token");
+        std::fs::write(&admin_path, ADMIN_TOKEN).expect("admin token file");
+        file.admin.address = Some("127.0.0.1:0".into());
+        file.admin.credential = Some(SecretRef::File(admin_path));
         file.upstream.base_url = Some(self.sim.base_url());
         file.upstream.allow_insecure_http = Some(true);
         file.upstream.token_timeout = Some(Duration::from_secs(5));
@@ -388,6 +404,22 @@ impl TokenStore for FlakyStore {
     }
     async fn list(&self) -> Result<Vec<ConnectionSummary>, StoreError> {
         self.inner.list().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn key_status(&self) -> Result<finx_gateway::store::KeyStatus, StoreError> {
+        self.inner.key_status().await
+    }
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&finx_gateway::store::RotationCursor>,
+        limit: u32,
+    ) -> Result<finx_gateway::store::ReencryptBatch, StoreError> {
+        self.inner.reencrypt_batch(after, limit).await
+    }
+    async fn complete_rotation(&self) -> Result<finx_gateway::store::KeyStatus, StoreError> {
+        self.inner.complete_rotation().await
     }
     async fn lock_for_refresh(
         &self,

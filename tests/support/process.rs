@@ -13,6 +13,9 @@ use finx_gateway::store::{ConnectionKey, NewConnection, TokenStore};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Keys, the client secret and config files for gateway processes, in a directory of their own.
+/// The admin credential of every config the setup writes.
+pub const ADMIN_TOKEN: &str = "test-admin-credential-0123456789";
+
 pub struct ProcessSetup {
     pub dir: tempfile::TempDir,
     sim_url: String,
@@ -29,6 +32,7 @@ impl ProcessSetup {
             .unwrap();
         }
         std::fs::write(dir.path().join("client-secret"), "demo-secret\n").unwrap();
+        std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
         Self { dir, sim_url }
     }
 
@@ -41,12 +45,21 @@ impl ProcessSetup {
         } else {
             "encryption_key = { file = \"store.key\" }"
         };
+        let admin = if extra.contains("[admin]") {
+            String::new()
+        } else {
+            format!(
+                "[admin]\naddress = \"{}\"\ncredential = {{ file = \"admin-token\" }}",
+                free_port()
+            )
+        };
         std::fs::write(
             &path,
             format!(
                 r#"
 [listener]
 address = "{listen}"
+{admin}
 [upstream]
 base_url = "{sim}"
 allow_insecure_http = true

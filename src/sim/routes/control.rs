@@ -1,9 +1,14 @@
 //! The `/_sim/*` control plane: counters, seen headers, direct grants, clock, revocation, faults,
 //! reset and widget completion. Mounted only when the simulator runs with `--control`.
+//!
+//! Unlike finX's own endpoints it is strict about what it is sent: an unknown body field or
+//! query parameter is a 400 naming it, so a test that misspells a fault or an option fails
+//! instead of silently proving nothing.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -23,21 +28,65 @@ fn to_value<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-/// `GET /_sim/stats` or `GET /_sim/stats?user=ID`.
-pub(crate) async fn stats(State(state): State<Shared>, query: QueryPairs) -> Response {
-    match query.get("user") {
-        Some(user) => ok(&to_value(&state.grants.user_stats(user))),
-        None => ok(&to_value(&state.counters.snapshot(state.faults.injected()))),
+/// Parses a control-plane body into a `deny_unknown_fields` type; an empty body counts as `{}`.
+/// Unknown and missing fields are 400s naming the field.
+fn control_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FinxError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    let value: Value = parse_json(body)?;
+    serde_json::from_value(value).map_err(|error| {
+        // serde's wording: "unknown field `x`, expected …" / "missing field `x`".
+        let message = error.to_string();
+        let named = |prefix: &str| message.strip_prefix(prefix)?.split('`').next();
+        if let Some(field) = named("unknown field `") {
+            FinxError::field(field, "Unknown field.")
+        } else if let Some(field) = named("missing field `") {
+            FinxError::field(field, "This field is required.")
+        } else {
+            FinxError::bad_request(format!("unexpected body: {message}"))
+        }
+    })
+}
+
+/// Refuses query parameters other than `known`.
+fn known_query(query: &QueryPairs, known: &[&str]) -> Result<(), FinxError> {
+    match query
+        .0
+        .iter()
+        .find(|(key, _)| !known.contains(&key.as_str()))
+    {
+        Some((key, _)) => Err(FinxError::field(key, "Unknown query parameter.")),
+        None => Ok(()),
     }
 }
 
+/// A body that must be empty or `{}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// `GET /_sim/stats` or `GET /_sim/stats?user=ID`.
+pub(crate) async fn stats(State(state): State<Shared>, query: QueryPairs) -> ControlResult {
+    known_query(&query, &["user"])?;
+    Ok(match query.get("user") {
+        Some(user) => ok(&to_value(&state.grants.user_stats(user))),
+        None => ok(&to_value(&state.counters.snapshot(state.faults.injected()))),
+    })
+}
+
 /// `GET /_sim/seen-headers?limit=N`: the last N requests (default 20), oldest first.
-pub(crate) async fn seen_headers(State(state): State<Shared>, query: QueryPairs) -> Response {
-    let limit = query
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(20);
-    ok(&json!({ "requests": state.seen.last(limit) }))
+pub(crate) async fn seen_headers(State(state): State<Shared>, query: QueryPairs) -> ControlResult {
+    known_query(&query, &["limit"])?;
+    let limit = match query.get("limit") {
+        None => 20,
+        Some(text) => text
+            .parse()
+            .map_err(|_| FinxError::field("limit", "Must be a whole number."))?,
+    };
+    Ok(ok(&json!({ "requests": state.seen.last(limit) })))
 }
 
 /// `DELETE /_sim/seen-headers`.
@@ -47,6 +96,7 @@ pub(crate) async fn clear_seen_headers(State(state): State<Shared>) -> Response 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GrantRequest {
     user_id: Option<String>,
     flow_id: Option<String>,
@@ -58,7 +108,7 @@ pub(crate) async fn create_grant(
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let request: GrantRequest = parse_json(&body)?;
+    let request: GrantRequest = control_body(&body)?;
     let now = state.now();
     let origin = match (request.user_id, request.flow_id) {
         (Some(user), None) if !user.is_empty() => CodeOrigin {
@@ -98,6 +148,7 @@ pub(crate) async fn clock(State(state): State<Shared>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Advance {
     seconds: i64,
 }
@@ -108,18 +159,24 @@ pub(crate) async fn advance_clock(
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let Advance { seconds } = parse_json(&body)?;
+    let Advance { seconds } = control_body(&body)?;
     state.clock.advance(seconds);
     Ok(ok(&json!({ "now": state.now() })))
 }
 
 /// `POST /_sim/expire-access-tokens`: every access token issued so far stops working.
-pub(crate) async fn expire_access_tokens(State(state): State<Shared>) -> Response {
+pub(crate) async fn expire_access_tokens(
+    State(state): State<Shared>,
+    body: Result<LimitedBody, FinxError>,
+) -> ControlResult {
+    let LimitedBody(body) = body?;
+    let NoFields {} = control_body(&body)?;
     state.grants.expire_access_tokens();
-    StatusCode::NO_CONTENT.into_response()
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Revoke {
     user_id: String,
 }
@@ -130,7 +187,7 @@ pub(crate) async fn revoke(
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let Revoke { user_id } = parse_json(&body)?;
+    let Revoke { user_id } = control_body(&body)?;
     let revoked = state.grants.revoke_user(&user_id, &state.counters);
     Ok(ok(&json!({ "families_revoked": revoked })))
 }
@@ -140,19 +197,20 @@ pub(crate) async fn faults(State(state): State<Shared>) -> Response {
     ok(&to_value(&state.faults.get()))
 }
 
-/// `POST /_sim/faults` with a [`Faults`] object (missing fields are off); replaces the settings.
+/// `POST /_sim/faults` with a [`Faults`] object (missing fields are off, unknown ones a 400);
+/// replaces the settings.
 pub(crate) async fn set_faults(
     State(state): State<Shared>,
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let faults: Faults = parse_json(&body)?;
+    let faults: Faults = control_body(&body)?;
     state.faults.set(faults);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize, Default)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 struct Reset {
     state: bool,
 }
@@ -164,11 +222,7 @@ pub(crate) async fn reset(
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let reset: Reset = if body.iter().all(u8::is_ascii_whitespace) {
-        Reset::default()
-    } else {
-        parse_json(&body)?
-    };
+    let reset: Reset = control_body(&body)?;
     state.faults.set(Faults::default());
     if reset.state {
         state.flows.clear();
@@ -180,6 +234,7 @@ pub(crate) async fn reset(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Complete {
     outcome: String,
 }
@@ -193,12 +248,9 @@ pub(crate) async fn complete_widget(
     body: Result<LimitedBody, FinxError>,
 ) -> ControlResult {
     let LimitedBody(body) = body?;
-    let Complete { outcome } = parse_json(&body)?;
-    let outcome = Outcome::parse(&outcome).ok_or_else(|| {
-        let mut fields = serde_json::Map::new();
-        fields.insert("outcome".into(), json!("Must be success, abort or error."));
-        FinxError::validation(fields)
-    })?;
+    let Complete { outcome } = control_body(&body)?;
+    let outcome = Outcome::parse(&outcome)
+        .ok_or_else(|| FinxError::field("outcome", "Must be success, abort or error."))?;
     let redirect = state
         .flows
         .complete(&flow_id, outcome, &state.grants, state.now())?;

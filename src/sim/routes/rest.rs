@@ -1,4 +1,4 @@
-//! `/rest/*` user-data endpoints (finx-api.md §6): Bearer checks, then deterministic data.
+//! `/rest/*` user-data endpoints: Bearer checks, then deterministic data.
 //!
 //! `GET /rest/accounts` is the benchmarked hot path: one sharded read lock, a few atomics and a
 //! clone of a prebuilt body.
@@ -13,11 +13,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::{json_bytes, json_value, QueryPairs, Segment, Shared};
-use crate::sim::data::is_iso_date;
+use crate::sim::data::{in_date_range, is_date_filter, Frequency, TimelineQuery};
 use crate::sim::error::FinxError;
 use crate::sim::faults::FaultTarget;
 use crate::sim::flows::{Flow, FlowKind};
 use crate::sim::grants::{Family, Owner};
+use crate::sim::reports;
 use crate::sim::stats::bump;
 
 type RestResult = Result<Response, FinxError>;
@@ -52,7 +53,7 @@ fn page<T: Clone>(items: &[T], query: &QueryPairs) -> Result<Vec<T>, FinxError> 
                 .ok()
                 .filter(|n| *n <= max)
                 .ok_or_else(|| {
-                    field_error(key, &format!("Must be an integer between 0 and {max}."))
+                    FinxError::field(key, &format!("Must be an integer between 0 and {max}."))
                 }),
         }
     };
@@ -61,17 +62,22 @@ fn page<T: Clone>(items: &[T], query: &QueryPairs) -> Result<Vec<T>, FinxError> 
     Ok(items.iter().skip(offset).take(count).cloned().collect())
 }
 
-fn field_error(field: &str, message: &str) -> FinxError {
-    let mut fields = serde_json::Map::new();
-    fields.insert(field.to_owned(), Value::String(message.to_owned()));
-    FinxError::validation(fields)
-}
-
+/// An optional date filter: `YYYY`, `YYYY-MM` or `YYYY-MM-DD`.
 fn date_filter<'q>(query: &'q QueryPairs, key: &str) -> Result<Option<&'q str>, FinxError> {
     match query.get(key) {
-        Some(date) if !is_iso_date(date) => Err(field_error(key, "Must be a date (YYYY-MM-DD).")),
+        Some(date) if !is_date_filter(date) => Err(FinxError::field(
+            key,
+            "Must be a date (YYYY, YYYY-MM or YYYY-MM-DD).",
+        )),
         other => Ok(other),
     }
+}
+
+/// An optional comma-separated list.
+fn list_filter(query: &QueryPairs, key: &str) -> Option<Vec<String>> {
+    query
+        .get(key)
+        .map(|list| list.split(',').map(str::to_owned).collect())
 }
 
 fn ok(value: &Value) -> Response {
@@ -136,15 +142,14 @@ fn transactions_answer(
     let ascending = match query.get("sort") {
         None | Some("desc") => false,
         Some("asc") => true,
-        Some(_) => return Err(field_error("sort", "Must be asc or desc.")),
+        Some(_) => return Err(FinxError::field("sort", "Must be asc or desc.")),
     };
     let mut selected: Vec<_> = family
         .data
         .transactions()
         .iter()
         .filter(|tx| account_id.is_none_or(|id| tx.account_id == id))
-        .filter(|tx| since.is_none_or(|since| tx.booking_date.as_str() >= since))
-        .filter(|tx| until.is_none_or(|until| tx.booking_date.as_str() <= until))
+        .filter(|tx| in_date_range(&tx.booking_date, since, until))
         .collect();
     if ascending {
         selected.reverse();
@@ -271,7 +276,8 @@ pub(crate) async fn categories(State(state): State<Shared>, headers: HeaderMap) 
     Ok(ok(&Value::Array(family.data.categories(None))))
 }
 
-/// `GET /rest/timeline?since&until&frequency&currency&accounts`.
+/// `GET /rest/timeline?since&until&frequency&currency&accounts&categories&payment_partners`:
+/// the totals per period (`timeline`) and the same per account (`accounts[]`).
 pub(crate) async fn timeline(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -279,30 +285,45 @@ pub(crate) async fn timeline(
 ) -> RestResult {
     let family = authorize(&state, &headers).await?;
     let frequency = match query.get("frequency") {
-        None => "monthly",
-        Some(f @ ("monthly" | "weekly" | "daily")) => f,
-        Some(_) => {
-            return Err(field_error(
+        None => Frequency::Monthly,
+        Some(text) => Frequency::parse(text).ok_or_else(|| {
+            FinxError::field(
                 "frequency",
-                "Must be daily, weekly or monthly.",
-            ))
-        }
+                "Must be daily, weekly, monthly, quarterly or yearly.",
+            )
+        })?,
     };
     if query.get("currency").is_some_and(|c| c != "EUR") {
-        return Err(field_error("currency", "Only EUR is available."));
+        return Err(FinxError::field("currency", "Only EUR is available."));
     }
-    let accounts: Option<Vec<String>> = query
-        .get("accounts")
-        .map(|list| list.split(',').map(str::to_owned).collect());
-    let periods = family.data.timeline(
+    let categories = match list_filter(&query, "categories") {
+        None => None,
+        Some(ids) => Some(
+            ids.iter()
+                .map(|id| id.parse::<u32>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    FinxError::field(
+                        "categories",
+                        "Must be a comma-separated list of category ids.",
+                    )
+                })?,
+        ),
+    };
+    let (timeline, accounts) = family.data.timeline(&TimelineQuery {
         frequency,
-        date_filter(&query, "since")?,
-        date_filter(&query, "until")?,
-        accounts.as_deref(),
-    );
-    Ok(ok(
-        &json!({ "frequency": frequency, "currency": "EUR", "timeline": periods }),
-    ))
+        since: date_filter(&query, "since")?,
+        until: date_filter(&query, "until")?,
+        accounts: list_filter(&query, "accounts"),
+        categories,
+        payment_partners: list_filter(&query, "payment_partners"),
+    });
+    Ok(ok(&json!({
+        "frequency": frequency.name(),
+        "currency": "EUR",
+        "timeline": timeline,
+        "accounts": accounts,
+    })))
 }
 
 /// A finished flow of one of `kinds` that `family` may read.
@@ -322,10 +343,7 @@ fn readable_flow(
 
 fn income_report_of(state: &Shared, family: &Family, flow_id: &str) -> RestResult {
     let flow = readable_flow(state, family, flow_id, &[FlowKind::OnetimeIncomeReport])?;
-    let mut report = family.data.income_summary(flow.request.reporting_period);
-    report["id"] = json!(flow.id);
-    report["accounts"] = json!(family.data.account_ids());
-    Ok(ok(&report))
+    Ok(ok(&reports::income_report(&family.data, &flow)))
 }
 
 /// `GET /rest/income-reports/{flow_id}`.
@@ -363,33 +381,7 @@ pub(crate) async fn account_verification(
         &id,
         &[FlowKind::OnetimeAccountVerification],
     )?;
-    let holder = family
-        .data
-        .accounts()
-        .first()
-        .map(|a| a["owner"].clone())
-        .unwrap_or(Value::Null);
-    let iban = flow
-        .request
-        .account_hints
-        .first()
-        .map(|iban| json!(iban))
-        .or_else(|| family.data.accounts().first().map(|a| a["iban"].clone()))
-        .unwrap_or(Value::Null);
-    let name = flow.request.name.clone().unwrap_or_default();
-    // Deterministic and scriptable: a name containing "mismatch" never matches.
-    let result = if name.to_lowercase().contains("mismatch") {
-        "no_match"
-    } else {
-        "match"
-    };
-    Ok(ok(&json!({
-        "id": flow.id,
-        "name": name,
-        "holder_name": holder,
-        "account": { "iban": iban },
-        "result": result,
-    })))
+    Ok(ok(&reports::account_verification(&family.data, &flow)))
 }
 
 /// `GET /rest/risk-reports/{flow_id}`.
@@ -405,21 +397,5 @@ pub(crate) async fn risk_report(
         &id,
         &[FlowKind::OnetimeRiskReport, FlowKind::OngoingRiskReport],
     )?;
-    let score = family.data.risk_score();
-    let risk_class = match score {
-        0..=333 => "high",
-        334..=666 => "medium",
-        _ => "low",
-    };
-    Ok(ok(&json!({
-        "id": flow.id,
-        "reporting_period": flow.request.reporting_period,
-        "score": score,
-        "risk_class": risk_class,
-        "insights": [
-            { "name": "regular_income", "value": true },
-            { "name": "returned_debits", "value": score % 3 },
-            { "name": "overdraft_days", "value": score % 17 },
-        ],
-    })))
+    Ok(ok(&reports::risk_report(&family.data, &flow)))
 }

@@ -1,4 +1,4 @@
-//! `POST /auth/token`: the authorization-code and refresh-token grants (finx-api.md §3).
+//! `POST /auth/token`: the authorization-code and refresh-token grants.
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -100,7 +100,9 @@ async fn grant(
     match params.require("grant_type")? {
         "authorization_code" => {
             let code = params.require("code")?;
-            let redirect_uri = params.get("redirect_uri")?;
+            // Optional, as in finX's own examples; an empty one (the multibanking guide's
+            // placeholder `"redirect_uri": ""`) counts as not sent. A non-empty one must match.
+            let redirect_uri = params.get("redirect_uri")?.filter(|uri| !uri.is_empty());
             state
                 .grants
                 .exchange_code(client_id, code, redirect_uri, now, &state.counters)

@@ -1,8 +1,10 @@
-//! References to secrets kept outside the configuration file.
+//! References to secrets kept outside the configuration file: the one type every secret of the
+//! gateway is named by (client secret, store key, caller keys, state key, database URL).
 //!
 //! Config files end up in repositories, tickets and log excerpts, so a secret is never written
-//! inline: the config names the environment variable or file that holds it. The gateway reuses
-//! [`SecretRef`] for its own secrets (e.g. the finX client secret).
+//! inline: the config names the environment variable or file that holds it.
+//!
+//! A leaf module: it depends on nothing else in the crate.
 
 use std::path::{Path, PathBuf};
 
@@ -57,16 +59,26 @@ impl SecretRef {
             }
         };
         if value.is_empty() {
-            return Err(format!("secret from {} is empty", self.describe()));
+            return Err(format!("secret from {} is empty", self));
         }
         Ok(SecretString::from(value))
     }
 
-    /// A human-readable origin for error messages, e.g. `env CALLER_KEY`.
-    pub fn describe(&self) -> String {
+    /// The same reference with a relative file path made relative to `base_dir` (the config
+    /// file's directory), so it can be resolved later from any working directory.
+    pub fn in_dir(&self, base_dir: &Path) -> SecretRef {
         match self {
-            SecretRef::Env(name) => format!("env {name}"),
-            SecretRef::File(path) => format!("file {}", path.display()),
+            SecretRef::Env(name) => SecretRef::Env(name.clone()),
+            SecretRef::File(path) => SecretRef::File(base_dir.join(path)),
+        }
+    }
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "environment variable {name}"),
+            SecretRef::File(path) => write!(f, "file {}", path.display()),
         }
     }
 }
