@@ -108,9 +108,8 @@ impl Reloader {
         // Compared with what runs (not with the previous file), so a change that waits for a
         // restart is named on every reload until then. Secrets are compared by digest: their
         // `Debug` hides them, and a rotated secret behind the same reference is a change.
-        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
-            format!("{a:?}") != format!("{b:?}")
-        };
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
         let restart_only: [(&'static str, bool); 12] = [
             ("listener.address", new.listen != current.listen),
             ("admin.address", new.admin.address != current.admin.address),
@@ -145,7 +144,9 @@ impl Reloader {
                 .map(|(name, _)| *name),
         );
         if connect_fixed(&new) != connect_fixed(&current) {
-            report.needs_restart.push("connect (callback, state key, ttl)");
+            report
+                .needs_restart
+                .push("connect (callback, state key, ttl)");
         }
         Ok(report)
     }
@@ -155,7 +156,12 @@ impl Reloader {
 fn digest(secret: Option<&secrecy::SecretString>) -> Option<String> {
     use secrecy::ExposeSecret;
     use sha2::Digest;
-    secret.map(|secret| format!("{:x}", sha2::Sha256::digest(secret.expose_secret().as_bytes())))
+    secret.map(|secret| {
+        format!(
+            "{:x}",
+            sha2::Sha256::digest(secret.expose_secret().as_bytes())
+        )
+    })
 }
 
 /// The shared store's URL digest (it may carry a password; `Debug` hides it).
