@@ -1,9 +1,11 @@
 //! The one mapping from everything that can go wrong inside the gateway to the HTTP answer the
 //! caller sees. Domain modules return their own typed errors ([`AuthError`], [`ConnectError`],
-//! [`TokenError`], [`TokenFailure`]); they become a [`GatewayError`] through `From` here, and
-//! only this module decides status, code and message (`docs/architecture.md` lists them).
+//! [`TokenError`], [`TokenFailure`], [`StoreError`]); they become a [`GatewayError`] (the
+//! proxy listener) or an [`AdminError`] (the admin listener) through `From` here, and only this
+//! module decides an error's status, code and message (`docs/architecture.md` lists them).
 //!
-//! Depends on the domain modules' error types only; only the proxy depends on it.
+//! Depends on the domain modules' error types only; only the proxy and the admin listener
+//! depend on it.
 
 use std::borrow::Cow;
 
@@ -12,6 +14,7 @@ use http::StatusCode;
 
 use crate::callers::AuthError;
 use crate::connect::ConnectError;
+use crate::store::{ConnectionKey, StoreError};
 use crate::tokens::{TokenError, TokenFailure};
 
 /// An error the gateway answers itself, as `{"error": {"code", "message"}}`.
@@ -65,6 +68,27 @@ impl GatewayError {
     /// A 400 with `why` as its message.
     pub fn bad_request(why: impl Into<Cow<'static, str>>) -> Self {
         Self::BadRequest(why.into())
+    }
+
+    /// The answer to a proxying failure pingora reports; `None` when the caller went away and
+    /// nothing useful can be written back.
+    pub fn from_proxy_failure(error: &pingora::Error) -> Option<Self> {
+        use pingora::{ErrorSource, ErrorType::*};
+        match (error.esource(), error.etype()) {
+            (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+            (ErrorSource::Downstream, _) => {
+                Some(Self::bad_request("the request could not be read"))
+            }
+            (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
+                Some(Self::UpstreamTimeout {
+                    retry_after_secs: 1,
+                })
+            }
+            (ErrorSource::Upstream, _) => Some(Self::UpstreamUnavailable {
+                retry_after_secs: 1,
+            }),
+            _ => Some(Self::Internal),
+        }
     }
 
     /// The HTTP status of the answer.
@@ -221,12 +245,141 @@ impl From<AuthError> for GatewayError {
     }
 }
 
+/// An error the admin listener answers (API, status page, probes), as
+/// `{"error": {"code", "message"}}` or, on the status page, as HTML with the same status.
+/// Messages never repeat what a request sent: a token pasted in the wrong place must not come
+/// back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// A malformed path, query or body; `code` names what was wrong.
+    #[error("bad admin request: {code}")]
+    BadRequest {
+        code: &'static str,
+        message: Cow<'static, str>,
+    },
+    /// No admin credential, or a wrong one.
+    #[error("admin request unauthenticated")]
+    Unauthenticated,
+    /// The status page's login form got a wrong credential.
+    #[error("admin login refused")]
+    LoginRefused,
+    /// No such endpoint on the admin listener.
+    #[error("no such admin endpoint")]
+    NotFound,
+    /// The endpoint exists but takes other methods (the `Allow` header's value).
+    #[error("method not allowed")]
+    MethodNotAllowed { allowed: &'static str },
+    /// No stored connection under that key.
+    #[error("connection not found")]
+    ConnectionNotFound(ConnectionKey),
+    /// A key rotation is already running.
+    #[error("key rotation already running")]
+    RotationRunning,
+    /// A stored row no configured key opens (tampered, or sealed under an unknown key).
+    #[error("stored connection unreadable")]
+    ConnectionUnreadable(ConnectionKey),
+    /// The token store cannot be read or written now.
+    #[error("token store unavailable")]
+    StoreUnavailable,
+    /// `/readyz`: the store does not answer or the gateway is draining.
+    #[error("not ready")]
+    NotReady,
+}
+
+impl AdminError {
+    /// A 400 with a machine-readable `code` and a message that does not repeat the input.
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated | Self::LoginRefused => StatusCode::UNAUTHORIZED,
+            Self::NotFound | Self::ConnectionNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RotationRunning => StatusCode::CONFLICT,
+            Self::ConnectionUnreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::StoreUnavailable | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable machine-readable code (`docs/admin-api.md`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } => code,
+            Self::Unauthenticated => "admin_unauthenticated",
+            Self::LoginRefused => "admin_login_refused",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::ConnectionNotFound(_) => "connection_not_found",
+            Self::RotationRunning => "rotation_running",
+            Self::ConnectionUnreadable(_) => "connection_unreadable",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::NotReady => "not_ready",
+        }
+    }
+
+    /// Human text: static, or composed by the gateway from a validated connection key.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            Self::BadRequest { message, .. } => message.clone(),
+            Self::Unauthenticated => {
+                "this endpoint needs Authorization: Bearer <admin credential>".into()
+            }
+            Self::LoginRefused => "That is not the admin credential.".into(),
+            Self::NotFound => "no such endpoint".into(),
+            Self::MethodNotAllowed { allowed } => format!("this endpoint takes {allowed}").into(),
+            Self::ConnectionNotFound(key) => format!("no stored connection {key}").into(),
+            Self::RotationRunning => "a key rotation is already running".into(),
+            Self::ConnectionUnreadable(key) => format!(
+                "stored connection {key} is unreadable (tampered or encrypted with another key)"
+            )
+            .into(),
+            Self::StoreUnavailable => "the token store is unavailable; try again".into(),
+            Self::NotReady => "the gateway is not ready".into(),
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 from the API.
+    pub fn www_authenticate(&self) -> Option<&'static str> {
+        matches!(self, Self::Unauthenticated).then_some("Bearer realm=\"finx-gateway-admin\"")
+    }
+
+    /// The `Allow` header of a 405.
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            Self::MethodNotAllowed { allowed } => Some(allowed),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "code": self.code(), "message": self.message() } })
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(key) => Self::ConnectionNotFound(key),
+            StoreError::Corrupt(key) => Self::ConnectionUnreadable(key),
+            _ => Self::StoreUnavailable,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_code_has_the_status_of_the_design() {
+    fn every_code_has_its_documented_status() {
         let cases = [
             (GatewayError::BadRequest("x".into()), 400, "bad_request"),
             (GatewayError::RouteForbidden("x"), 403, "route_forbidden"),
@@ -283,5 +436,48 @@ mod tests {
         for (error, status) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
         }
+    }
+
+    #[test]
+    fn admin_errors_have_one_status_and_code_each() {
+        let key = ConnectionKey::user("alice").expect("valid key");
+        let cases: [(AdminError, u16, &str); 10] = [
+            (
+                AdminError::bad_request("invalid_key", "x"),
+                400,
+                "invalid_key",
+            ),
+            (AdminError::Unauthenticated, 401, "admin_unauthenticated"),
+            (AdminError::LoginRefused, 401, "admin_login_refused"),
+            (AdminError::NotFound, 404, "not_found"),
+            (
+                AdminError::MethodNotAllowed { allowed: "GET" },
+                405,
+                "method_not_allowed",
+            ),
+            (
+                StoreError::NotFound(key.clone()).into(),
+                404,
+                "connection_not_found",
+            ),
+            (AdminError::RotationRunning, 409, "rotation_running"),
+            (
+                StoreError::Corrupt(key).into(),
+                500,
+                "connection_unreadable",
+            ),
+            (AdminError::StoreUnavailable, 503, "store_unavailable"),
+            (AdminError::NotReady, 503, "not_ready"),
+        ];
+        for (error, status, code) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.code(), code);
+            assert_eq!(error.body()["error"]["code"], code);
+        }
+        assert!(AdminError::Unauthenticated.www_authenticate().is_some());
+        assert_eq!(
+            AdminError::MethodNotAllowed { allowed: "POST" }.allow(),
+            Some("POST")
+        );
     }
 }

@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use zeroize::Zeroize;
 
-use super::{admin_error, json_answer, read_body, AdminApp};
+use super::{error_answer, json_answer, read_body, AdminApp};
 use crate::clock::UnixSeconds;
+use crate::error::AdminError;
 use crate::metrics::REFRESH_TOKEN_LIFETIME_SECS;
 use crate::store::{ConnectionKey, ConnectionStatus, ConnectionSummary, NewConnection, StoreError};
 
@@ -25,62 +26,17 @@ pub const MAX_PER_PAGE: usize = 1000;
 const MAX_REFRESH_TOKEN_LEN: usize = 8 * 1024;
 const DAY_SECS: i64 = 24 * 3600;
 
-/// Why an admin request was refused.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    /// 400 with `code` and a message that does not repeat the input.
-    pub fn bad_request(code: &'static str, message: &str) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            code,
-            message: message.to_owned(),
+/// A store failure, logged here (the store's own words may name internals) and answered
+/// with the generic [`AdminError`] it maps to.
+fn store_failure(error: StoreError, action: &'static str) -> AdminError {
+    match &error {
+        StoreError::NotFound(_) => {}
+        StoreError::Corrupt(key) => {
+            tracing::warn!(connection = %key, action, "admin API: stored connection unreadable")
         }
+        error => tracing::warn!(%error, action, "admin API: the store failed"),
     }
-
-    fn not_found(key: &ConnectionKey) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            code: "connection_not_found",
-            message: format!("no stored connection {key}"),
-        }
-    }
-
-    /// A store failure: logged here (the store's own words may name internals), answered
-    /// generically.
-    fn store(error: StoreError, action: &'static str) -> Self {
-        match error {
-            StoreError::NotFound(key) => Self::not_found(&key),
-            StoreError::Corrupt(key) => {
-                tracing::warn!(connection = %key, action, "admin API: stored connection unreadable");
-                Self {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    code: "connection_unreadable",
-                    message: format!(
-                        "stored connection {key} is unreadable (tampered or encrypted with another key)"
-                    ),
-                }
-            }
-            error => {
-                tracing::warn!(%error, action, "admin API: the store failed");
-                Self {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: "store_unavailable",
-                    message: "the token store is unavailable; try again".into(),
-                }
-            }
-        }
-    }
-
-    /// The JSON answer.
-    pub fn answer(&self) -> Response<Vec<u8>> {
-        admin_error(self.status, self.code, &self.message)
-    }
+    error.into()
 }
 
 /// The `GET /admin/connections` query.
@@ -92,7 +48,7 @@ struct ListQuery {
     per_page: usize,
 }
 
-fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
+fn parse_list_query(query: Option<&str>) -> Result<ListQuery, AdminError> {
     let mut parsed = ListQuery {
         status: None,
         page: 1,
@@ -101,7 +57,7 @@ fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
     let mut seen: Vec<String> = Vec::new();
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if seen.iter().any(|earlier| *earlier == name) {
-            return Err(ApiError::bad_request(
+            return Err(AdminError::bad_request(
                 "invalid_query",
                 "a query parameter is given twice",
             ));
@@ -110,7 +66,7 @@ fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
         match name.as_ref() {
             "status" => {
                 parsed.status = Some(ConnectionStatus::parse(&value).ok_or_else(|| {
-                    ApiError::bad_request(
+                    AdminError::bad_request(
                         "invalid_query",
                         "status must be active, reauth_required or revoked",
                     )
@@ -122,7 +78,7 @@ fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
                     .ok()
                     .filter(|page| (1..=1_000_000_000).contains(page))
                     .ok_or_else(|| {
-                        ApiError::bad_request("invalid_query", "page must be a number from 1")
+                        AdminError::bad_request("invalid_query", "page must be a number from 1")
                     })?;
             }
             "per_page" => {
@@ -131,14 +87,14 @@ fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
                     .ok()
                     .filter(|per_page| (1..=MAX_PER_PAGE).contains(per_page))
                     .ok_or_else(|| {
-                        ApiError::bad_request(
+                        AdminError::bad_request(
                             "invalid_query",
-                            &format!("per_page must be a number from 1 to {MAX_PER_PAGE}"),
+                            format!("per_page must be a number from 1 to {MAX_PER_PAGE}"),
                         )
                     })?;
             }
             _ => {
-                return Err(ApiError::bad_request(
+                return Err(AdminError::bad_request(
                     "invalid_query",
                     "unknown query parameter (known: status, page, per_page)",
                 ))
@@ -149,9 +105,9 @@ fn parse_list_query(query: Option<&str>) -> Result<ListQuery, ApiError> {
 }
 
 /// The connection key named by a path segment (already percent-decoded).
-fn parse_key(segment: &str) -> Result<ConnectionKey, ApiError> {
+fn parse_key(segment: &str) -> Result<ConnectionKey, AdminError> {
     ConnectionKey::from_stored(segment).map_err(|_| {
-        ApiError::bad_request(
+        AdminError::bad_request(
             "invalid_key",
             "a connection key is a user id or flow:<service>/<flow id>; ids are 1 to 128 \
              characters of A-Z a-z 0-9 . _ @ -",
@@ -169,7 +125,7 @@ struct Described<'a> {
     synced_at: Option<UnixSeconds>,
     updated_at: UnixSeconds,
     last_used_at: Option<UnixSeconds>,
-    /// Known only where it is at hand without decrypting anything (an import's answer).
+    /// As finX granted it; `null` when finX's answer named none.
     scope: Option<&'a str>,
 }
 
@@ -184,7 +140,7 @@ impl<'a> From<&'a ConnectionSummary> for Described<'a> {
             synced_at: c.synced_at,
             updated_at: c.updated_at,
             last_used_at: c.last_used_at,
-            scope: None,
+            scope: c.scope.as_deref(),
         }
     }
 }
@@ -197,7 +153,7 @@ impl Described<'_> {
         let issued_at = self.refreshed_at.unwrap_or(self.created_at);
         let age = now - issued_at;
         let lapses_in = REFRESH_TOKEN_LIFETIME_SECS - age;
-        let mut described = json!({
+        json!({
             "key": self.key.as_str(),
             "kind": if self.key.is_flow() { "flow" } else { "user" },
             "status": self.status.as_str(),
@@ -207,17 +163,14 @@ impl Described<'_> {
             "last_used_at": self.last_used_at,
             "synced_at": self.synced_at,
             "updated_at": self.updated_at,
+            "scope": self.scope,
             "refresh_token_issued_at": issued_at,
             "refresh_token_age_secs": age,
             "refresh_token_age_days": age.div_euclid(DAY_SECS),
             "lapses_at": issued_at + REFRESH_TOKEN_LIFETIME_SECS,
             "lapses_in_secs": lapses_in,
             "days_until_lapse": lapses_in.div_euclid(DAY_SECS),
-        });
-        if let (Some(scope), Some(object)) = (self.scope, described.as_object_mut()) {
-            object.insert("scope".into(), Value::from(scope));
-        }
-        described
+        })
     }
 }
 
@@ -234,7 +187,7 @@ pub async fn list(app: &AdminApp, query: Option<&str>) -> Response<Vec<u8>> {
             .store
             .list()
             .await
-            .map_err(|error| ApiError::store(error, "list"))?;
+            .map_err(|error| store_failure(error, "list"))?;
         connections.retain(|c| query.status.is_none_or(|status| c.status == status));
         connections.sort_by(|a, b| a.key.cmp(&b.key));
         let now = app.clock.now();
@@ -245,7 +198,7 @@ pub async fn list(app: &AdminApp, query: Option<&str>) -> Response<Vec<u8>> {
             .take(query.per_page)
             .map(|c| describe(c, now))
             .collect();
-        Ok::<_, ApiError>(json!({
+        Ok::<_, AdminError>(json!({
             "connections": page,
             "total": connections.len(),
             "page": query.page,
@@ -254,19 +207,19 @@ pub async fn list(app: &AdminApp, query: Option<&str>) -> Response<Vec<u8>> {
     };
     match run.await {
         Ok(body) => json_answer(StatusCode::OK, &body),
-        Err(error) => error.answer(),
+        Err(error) => error_answer(&error),
     }
 }
 
 /// The metadata of `key`, from the store's listing (no token is decrypted).
-async fn summary(app: &AdminApp, key: &ConnectionKey) -> Result<ConnectionSummary, ApiError> {
+async fn summary(app: &AdminApp, key: &ConnectionKey) -> Result<ConnectionSummary, AdminError> {
     app.store
         .list()
         .await
-        .map_err(|error| ApiError::store(error, "show"))?
+        .map_err(|error| store_failure(error, "show"))?
         .into_iter()
         .find(|c| c.key == *key)
-        .ok_or_else(|| ApiError::not_found(key))
+        .ok_or_else(|| AdminError::ConnectionNotFound(key.clone()))
 }
 
 /// `GET /admin/connections/{key}`.
@@ -274,11 +227,11 @@ pub async fn show(app: &AdminApp, key: &str) -> Response<Vec<u8>> {
     let run = async {
         let key = parse_key(key)?;
         let found = summary(app, &key).await?;
-        Ok::<_, ApiError>(describe(&found, app.clock.now()))
+        Ok::<_, AdminError>(describe(&found, app.clock.now()))
     };
     match run.await {
         Ok(body) => json_answer(StatusCode::OK, &body),
-        Err(error) => error.answer(),
+        Err(error) => error_answer(&error),
     }
 }
 
@@ -290,7 +243,7 @@ struct ImportBody {
 }
 
 /// Reads the import body; errors say where the JSON went wrong, never what it held.
-fn parse_import(body: &[u8]) -> Result<SecretString, ApiError> {
+fn parse_import(body: &[u8]) -> Result<SecretString, AdminError> {
     let parsed: ImportBody = serde_json::from_slice(body).map_err(|error| {
         use serde_json::error::Category;
         let what = match error.classify() {
@@ -299,9 +252,9 @@ fn parse_import(body: &[u8]) -> Result<SecretString, ApiError> {
                 "the body must be a JSON object with exactly one field, refresh_token (a string)"
             }
         };
-        ApiError::bad_request(
+        AdminError::bad_request(
             "invalid_body",
-            &format!("{what} (line {}, column {})", error.line(), error.column()),
+            format!("{what} (line {}, column {})", error.line(), error.column()),
         )
     })?;
     let mut sent = parsed.refresh_token;
@@ -312,9 +265,9 @@ fn parse_import(body: &[u8]) -> Result<SecretString, ApiError> {
         || !token.bytes().all(|b| b.is_ascii_graphic())
     {
         token.zeroize();
-        return Err(ApiError::bad_request(
+        return Err(AdminError::bad_request(
             "invalid_refresh_token",
-            &format!(
+            format!(
                 "refresh_token must be 1 to {MAX_REFRESH_TOKEN_LEN} printable ASCII characters \
                  without spaces"
             ),
@@ -341,7 +294,7 @@ pub async fn import(app: &AdminApp, session: &mut ServerSession, key: &str) -> R
             .tokens
             .store_consent(&key, &consent)
             .await
-            .map_err(|error| ApiError::store(error, "import"))?;
+            .map_err(|error| store_failure(error, "import"))?;
         tracing::info!(connection = %key, version = stored.version, "admin API: connection imported");
         let described = Described {
             key: &stored.key,
@@ -354,11 +307,11 @@ pub async fn import(app: &AdminApp, session: &mut ServerSession, key: &str) -> R
             last_used_at: stored.last_used_at,
             scope: stored.scope.as_deref(),
         };
-        Ok::<_, ApiError>(described.to_json(app.clock.now()))
+        Ok::<_, AdminError>(described.to_json(app.clock.now()))
     };
     match run.await {
         Ok(body) => json_answer(StatusCode::OK, &body),
-        Err(error) => error.answer(),
+        Err(error) => error_answer(&error),
     }
 }
 
@@ -371,14 +324,14 @@ pub async fn revoke(app: &AdminApp, key: &str) -> Response<Vec<u8>> {
         app.tokens
             .revoke(&key)
             .await
-            .map_err(|error| ApiError::store(error, "revoke"))?;
+            .map_err(|error| store_failure(error, "revoke"))?;
         tracing::info!(connection = %key, "admin API: connection revoked");
         let found = summary(app, &key).await?;
-        Ok::<_, ApiError>(describe(&found, app.clock.now()))
+        Ok::<_, AdminError>(describe(&found, app.clock.now()))
     };
     match run.await {
         Ok(body) => json_answer(StatusCode::OK, &body),
-        Err(error) => error.answer(),
+        Err(error) => error_answer(&error),
     }
 }
 
@@ -391,16 +344,16 @@ pub async fn purge(app: &AdminApp, key: &str) -> Response<Vec<u8>> {
             .tokens
             .purge(&key)
             .await
-            .map_err(|error| ApiError::store(error, "purge"))?;
+            .map_err(|error| store_failure(error, "purge"))?;
         if !deleted {
-            return Err(ApiError::not_found(&key));
+            return Err(AdminError::ConnectionNotFound(key));
         }
         tracing::info!(connection = %key, "admin API: connection purged");
-        Ok::<_, ApiError>(json!({ "key": key.as_str(), "purged": true }))
+        Ok::<_, AdminError>(json!({ "key": key.as_str(), "purged": true }))
     };
     match run.await {
         Ok(body) => json_answer(StatusCode::OK, &body),
-        Err(error) => error.answer(),
+        Err(error) => error_answer(&error),
     }
 }
 
@@ -440,8 +393,8 @@ mod tests {
             "page=1&page=2",
         ] {
             let error = parse_list_query(Some(bad)).expect_err(bad);
-            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{bad}");
-            assert_eq!(error.code, "invalid_query", "{bad}");
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(error.code(), "invalid_query", "{bad}");
         }
     }
 
@@ -466,8 +419,8 @@ mod tests {
             String::new(),
         ] {
             let error = parse_import(bad.as_bytes()).expect_err(&bad);
-            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{bad}");
-            assert!(!error.message.contains("canary"), "{}", error.message);
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert!(!error.message().contains("canary"), "{}", error.message());
         }
     }
 
@@ -477,7 +430,7 @@ mod tests {
         assert!(parse_key("flow:demo/f-1").is_ok());
         for bad in ["", "a b", "flow:demo", "flow:/x", "x/y", "flow:a/b/c", "é"] {
             let error = parse_key(bad).expect_err(bad);
-            assert_eq!(error.code, "invalid_key", "{bad}");
+            assert_eq!(error.code(), "invalid_key", "{bad}");
         }
     }
 
@@ -492,13 +445,14 @@ mod tests {
             synced_at: None,
             updated_at: 10_000,
             last_used_at: None,
+            scope: Some("accounts".into()),
         };
         let now = 10_000 + 89 * DAY_SECS + 3600;
         let described = describe(&summary, now);
         assert_eq!(described["refresh_token_age_days"], 89);
         assert_eq!(described["days_until_lapse"], 0);
         assert_eq!(described["lapses_at"], 10_000 + 90 * DAY_SECS);
-        assert!(described.get("scope").is_none());
+        assert_eq!(described["scope"], "accounts");
         let lapsed = describe(&summary, 10_000 + 91 * DAY_SECS);
         assert_eq!(lapsed["days_until_lapse"], -1);
     }

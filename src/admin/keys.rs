@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::{admin_error, json_answer, AdminApp};
-use crate::store::rotation::{rotate, RotationOptions};
+use super::{error_answer, json_answer, AdminApp};
+use crate::error::AdminError;
+use crate::store::rotation::{rotate, RotationError, RotationOptions};
 use crate::store::KeyStatus;
 
 /// The rotation this process runs, if any, and how the last one ended.
@@ -65,11 +66,7 @@ pub async fn status(app: &AdminApp) -> Response<Vec<u8>> {
         }
         Err(error) => {
             tracing::warn!(%error, "admin API: key status unavailable");
-            admin_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the token store cannot be read now",
-            )
+            error_answer(&AdminError::StoreUnavailable)
         }
     }
 }
@@ -78,11 +75,7 @@ pub async fn status(app: &AdminApp) -> Response<Vec<u8>> {
 /// runs. `GET /admin/keys` follows it.
 pub fn start(app: &AdminApp) -> Response<Vec<u8>> {
     if app.rotation.running.swap(true, Ordering::AcqRel) {
-        return admin_error(
-            StatusCode::CONFLICT,
-            "rotation_running",
-            "a key rotation is already running",
-        );
+        return error_answer(&AdminError::RotationRunning);
     }
     let store = app.store.clone();
     let rotation: Arc<Rotation> = app.rotation.clone();
@@ -111,7 +104,14 @@ pub fn start(app: &AdminApp) -> Response<Vec<u8>> {
             }
             Err(error) => {
                 tracing::error!(%error, "key rotation stopped");
-                record(json!({ "state": "failed", "error": error.to_string() }));
+                // The store's own words may name database internals: they go to the log only.
+                let why = match &error {
+                    RotationError::Store(_) => {
+                        "the token store failed; the gateway's log says why".to_owned()
+                    }
+                    composed => composed.to_string(),
+                };
+                record(json!({ "state": "failed", "error": why }));
             }
         }
     });

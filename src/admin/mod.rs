@@ -33,6 +33,7 @@ use serde_json::json;
 use zeroize::Zeroize;
 
 use crate::clock::{Clock, UnixSeconds};
+use crate::error::AdminError;
 use crate::metrics::{ConnectionSample, Metrics};
 use crate::store::{ConnectionSummary, TokenStore};
 use crate::tokens::TokenManager;
@@ -128,7 +129,7 @@ impl AdminApp {
         let status = if ready {
             StatusCode::OK
         } else {
-            StatusCode::SERVICE_UNAVAILABLE
+            AdminError::NotReady.status()
         };
         json_answer(status, &body)
     }
@@ -233,7 +234,7 @@ impl AdminApp {
     ) -> Response<Vec<u8>> {
         let segments = match admin_segments(path) {
             Ok(segments) => segments,
-            Err(error) => return error.answer(),
+            Err(error) => return error_answer(&error),
         };
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         match segments.as_slice() {
@@ -246,48 +247,55 @@ impl AdminApp {
             Access::Bearer => {}
             Access::Session if status_page => {}
             Access::None if status_page => return page::to_login(),
-            Access::Session | Access::None | Access::WrongBearer => return unauthenticated(),
+            Access::Session | Access::None | Access::WrongBearer => {
+                return error_answer(&AdminError::Unauthenticated)
+            }
         }
         let query = session.req_header().uri.query().map(str::to_owned);
         // The one table of admin endpoints: one arm per path, the methods inside.
         match segments.as_slice() {
             [] => match *method {
                 Method::GET => page::status(self).await,
-                _ => method_not_allowed("GET"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
             },
             ["connections"] => match *method {
                 Method::GET => api::list(self, query.as_deref()).await,
-                _ => method_not_allowed("GET"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
             },
             ["connections", key] => match *method {
                 Method::GET => api::show(self, key).await,
                 Method::DELETE => api::purge(self, key).await,
-                _ => method_not_allowed("GET, DELETE"),
+                _ => error_answer(&AdminError::MethodNotAllowed {
+                    allowed: "GET, DELETE",
+                }),
             },
             ["connections", key, "import"] => match *method {
                 Method::POST => api::import(self, session, key).await,
-                _ => method_not_allowed("POST"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
             },
             ["connections", key, "revoke"] => match *method {
                 Method::POST => api::revoke(self, key).await,
-                _ => method_not_allowed("POST"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
             },
             ["keys"] => match *method {
                 Method::GET => keys::status(self).await,
-                _ => method_not_allowed("GET"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
             },
             ["keys", "rotate"] => match *method {
                 Method::POST => keys::start(self),
-                _ => method_not_allowed("POST"),
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
             },
             ["events"] => match *method {
-                Method::GET => {
-                    let (status, body) = self.tokens.events().admin_listing(query.as_deref());
-                    json_answer(status, &body)
-                }
-                _ => method_not_allowed("GET"),
+                Method::GET => match self.tokens.events().admin_listing(query.as_deref()) {
+                    Ok(body) => json_answer(StatusCode::OK, &body),
+                    Err(invalid) => error_answer(&AdminError::bad_request(
+                        "invalid_limit",
+                        invalid.to_string(),
+                    )),
+                },
+                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
             },
-            _ => admin_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+            _ => error_answer(&AdminError::NotFound),
         }
     }
 
@@ -328,7 +336,7 @@ impl ServeHttp for AdminApp {
             (_, admin) if admin == "/admin" || admin.starts_with("/admin/") => {
                 self.admin(session, &method, &path).await
             }
-            _ => admin_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+            _ => error_answer(&AdminError::NotFound),
         }
     }
 }
@@ -341,7 +349,7 @@ fn refresh_token_age_secs(connection: &ConnectionSummary, now: UnixSeconds) -> i
 /// The decoded path segments after `/admin` (`/admin` and `/admin/` have none). A flow's key
 /// is one segment whether its `/` is percent-encoded (`flow:<service>%2F<flow id>`, as the
 /// CLI sends it) or not.
-fn admin_segments(path: &str) -> Result<Vec<String>, api::ApiError> {
+fn admin_segments(path: &str) -> Result<Vec<String>, AdminError> {
     let rest = path.strip_prefix("/admin").unwrap_or(path);
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     if rest.is_empty() {
@@ -352,7 +360,7 @@ fn admin_segments(path: &str) -> Result<Vec<String>, api::ApiError> {
             .decode_utf8()
             .map(|decoded| decoded.into_owned())
             .map_err(|_| {
-                api::ApiError::bad_request(
+                AdminError::bad_request(
                     "invalid_path",
                     "the path is not valid percent-encoded UTF-8",
                 )
@@ -412,38 +420,21 @@ fn json_answer(status: StatusCode, body: &serde_json::Value) -> Response<Vec<u8>
     )
 }
 
-/// The admin listener's JSON error: `{"error": {"code", "message"}}`.
-fn admin_error(status: StatusCode, code: &'static str, message: &str) -> Response<Vec<u8>> {
-    json_answer(
-        status,
-        &json!({ "error": { "code": code, "message": message } }),
-    )
-}
-
-/// 401 with the bearer challenge.
-fn unauthenticated() -> Response<Vec<u8>> {
-    let mut answer = admin_error(
-        StatusCode::UNAUTHORIZED,
-        "admin_unauthenticated",
-        "this endpoint needs Authorization: Bearer <admin credential>",
-    );
-    answer.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"finx-gateway-admin\""),
-    );
-    answer
-}
-
-/// 405 naming the methods the endpoint takes.
-fn method_not_allowed(allowed: &'static str) -> Response<Vec<u8>> {
-    let mut answer = admin_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("this endpoint takes {allowed}"),
-    );
-    answer
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+/// The admin listener's answer to `error` (its status, code and message are decided in
+/// `crate::error`): JSON, with the bearer challenge on a 401 and `Allow` on a 405.
+fn error_answer(error: &AdminError) -> Response<Vec<u8>> {
+    let mut answer = json_answer(error.status(), &error.body());
+    if let Some(challenge) = error.www_authenticate() {
+        answer.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
+    if let Some(allowed) = error.allow() {
+        answer
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    }
     answer
 }
 
@@ -451,11 +442,11 @@ fn method_not_allowed(allowed: &'static str) -> Response<Vec<u8>> {
 /// read to its end (and dropped) when it is not much longer, so the client gets the answer
 /// rather than a reset connection, and the connection can be reused; a far longer one is not
 /// read on, and the connection is closed.
-async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::ApiError> {
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, AdminError> {
     let too_large = || {
-        api::ApiError::bad_request(
+        AdminError::bad_request(
             "body_too_large",
-            &format!(
+            format!(
                 "the request body is limited to {} KiB",
                 MAX_BODY_BYTES / 1024
             ),
@@ -497,7 +488,7 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, api::ApiError
             Err(_) => {
                 session.set_keepalive(None);
                 body.zeroize();
-                return Err(api::ApiError::bad_request(
+                return Err(AdminError::bad_request(
                     "unreadable_body",
                     "the request body could not be read",
                 ));

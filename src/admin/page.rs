@@ -14,8 +14,9 @@ use serde_json::Value;
 use zeroize::Zeroize;
 
 use super::session::{COOKIE_NAME, SESSION_LIFETIME_SECS};
-use super::{answer, constant_time_eq, method_not_allowed, read_body, AdminApp};
+use super::{answer, constant_time_eq, error_answer, read_body, AdminApp};
 use crate::clock::{format_utc, UnixSeconds};
+use crate::error::AdminError;
 use crate::html::escape;
 use crate::metrics::{NEAR_LAPSE_SECS, REFRESH_TOKEN_LIFETIME_SECS};
 use crate::store::{ConnectionStatus, ConnectionSummary};
@@ -82,7 +83,7 @@ pub fn to_login() -> Response<Vec<u8>> {
 /// `POST /admin/logout`: ends the browser's session (the cookie is cleared).
 pub fn logout(method: &Method) -> Response<Vec<u8>> {
     if *method != Method::POST {
-        return method_not_allowed("POST");
+        return error_answer(&AdminError::MethodNotAllowed { allowed: "POST" });
     }
     let clear = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/admin; Max-Age=0");
     match HeaderValue::try_from(clear) {
@@ -103,7 +104,7 @@ pub async fn login(
         Method::POST => {
             let mut body = match read_body(session).await {
                 Ok(body) => body,
-                Err(error) => return error.answer(),
+                Err(error) => return error_answer(&error),
             };
             let mut presented = url::form_urlencoded::parse(&body)
                 .find(|(name, _)| name == "credential")
@@ -130,15 +131,14 @@ pub async fn login(
                 }
                 None => {
                     tracing::warn!("admin status page: a login with a wrong credential");
-                    html(
-                        StatusCode::UNAUTHORIZED,
-                        login_form(Some("That is not the admin credential.")),
-                        &[],
-                    )
+                    let refused = AdminError::LoginRefused;
+                    html(refused.status(), login_form(Some(&refused.message())), &[])
                 }
             }
         }
-        _ => method_not_allowed("GET, POST"),
+        _ => error_answer(&AdminError::MethodNotAllowed {
+            allowed: "GET, POST",
+        }),
     }
 }
 
@@ -175,7 +175,7 @@ pub async fn status(app: &AdminApp) -> Response<Vec<u8>> {
                 "<main><h1>finx-gateway admin</h1><p class=\"problem\">The token store cannot \
                  be read right now; try again.</p></main></body></html>",
             );
-            return html(StatusCode::SERVICE_UNAVAILABLE, page, &[]);
+            return html(AdminError::StoreUnavailable.status(), page, &[]);
         }
     };
     let counters = Counters {
@@ -557,6 +557,7 @@ mod tests {
             synced_at: None,
             updated_at: issued_at,
             last_used_at: None,
+            scope: None,
         }
     }
 

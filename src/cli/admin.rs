@@ -297,8 +297,8 @@ fn print_json(value: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// `connections list` as a table: key, status, refresh token issued, age, days until lapse,
-/// last used.
+/// `connections list` as a table: key, status, scope, created, refresh token issued (the last
+/// refresh), its age, days until lapse, last used.
 fn print_table(listed: &Value) {
     let text = |value: &Value| match value {
         Value::String(text) => text.clone(),
@@ -311,8 +311,15 @@ fn print_table(listed: &Value) {
             .map_or_else(|| "never".to_owned(), format_utc)
     };
     println!(
-        "{:<40} {:<16} {:<17} {:>8} {:>10}  {:<17}",
-        "connection", "status", "token issued", "age (d)", "lapse (d)", "last used"
+        "{:<40} {:<16} {:<16} {:<17} {:<17} {:>8} {:>10}  {:<17}",
+        "connection",
+        "status",
+        "scope",
+        "created",
+        "token issued",
+        "age (d)",
+        "lapse (d)",
+        "last used"
     );
     let connections = listed["connections"]
         .as_array()
@@ -320,9 +327,11 @@ fn print_table(listed: &Value) {
         .unwrap_or_default();
     for c in &connections {
         println!(
-            "{:<40} {:<16} {:<17} {:>8} {:>10}  {:<17}",
+            "{:<40} {:<16} {:<16} {:<17} {:<17} {:>8} {:>10}  {:<17}",
             text(&c["key"]),
             text(&c["status"]),
+            text(&c["scope"]),
+            time(&c["created_at"]),
             time(&c["refresh_token_issued_at"]),
             text(&c["refresh_token_age_days"]),
             text(&c["days_until_lapse"]),

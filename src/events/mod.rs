@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http::StatusCode;
 use secrecy::SecretString;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -190,6 +189,11 @@ impl Default for DeliverySettings {
         }
     }
 }
+
+/// `GET /admin/events` was given a `limit` that is not a number from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("limit must be a number from 1")]
+pub struct InvalidLimit;
 
 /// The gateway's event handle: records, de-duplicates, lists and hands events to delivery.
 /// Cheap to clone; every clone is the same recorder.
@@ -366,9 +370,9 @@ impl Events {
     }
 
     /// `GET /admin/events?limit=N`: the last `N` events (default [`DEFAULT_LIST_LIMIT`], at
-    /// most [`HISTORY`]), newest first, each with how its deliveries went. The status and JSON
-    /// body of the answer.
-    pub fn admin_listing(&self, query: Option<&str>) -> (StatusCode, Value) {
+    /// most [`HISTORY`]), newest first, each with how its deliveries went: the JSON body of the
+    /// answer, or [`InvalidLimit`] for a `limit` that is not a number from 1.
+    pub fn admin_listing(&self, query: Option<&str>) -> Result<Value, InvalidLimit> {
         let mut limit = DEFAULT_LIST_LIMIT;
         for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             if name != "limit" {
@@ -376,12 +380,7 @@ impl Events {
             }
             match value.parse::<usize>() {
                 Ok(n) if n >= 1 => limit = n.min(HISTORY),
-                _ => {
-                    return (
-                        StatusCode::BAD_REQUEST,
-                        json!({ "error": { "code": "invalid_limit" } }),
-                    )
-                }
+                _ => return Err(InvalidLimit),
             }
         }
         let webhooks = self.inner.settings.webhooks.len() as u32;
@@ -405,14 +404,11 @@ impl Events {
                 })
                 .collect()
         };
-        (
-            StatusCode::OK,
-            json!({
-                "events": listed,
-                "webhooks": webhooks,
-                "dropped": self.dropped(),
-            }),
-        )
+        Ok(json!({
+            "events": listed,
+            "webhooks": webhooks,
+            "dropped": self.dropped(),
+        }))
     }
 
     fn announce(

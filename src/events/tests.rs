@@ -35,6 +35,7 @@ fn summary(user: &str, status: ConnectionStatus, issued: UnixSeconds) -> Connect
         synced_at: None,
         updated_at: issued,
         last_used_at: None,
+        scope: None,
     }
 }
 
@@ -159,21 +160,22 @@ fn the_listing_is_newest_first_bounded_and_checks_its_limit() {
         events.record(EventKind::Revoked, &key(&format!("user-{n}")), "operator");
     }
     assert_eq!(events.recent(usize::MAX).len(), HISTORY);
-    let (status, body) = events.admin_listing(Some("limit=2"));
-    assert_eq!(status, StatusCode::OK);
+    let body = events
+        .admin_listing(Some("limit=2"))
+        .expect("a valid limit");
     let listed = body["events"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["connection"], format!("user-{}", HISTORY + 4));
     assert_eq!(listed[1]["connection"], format!("user-{}", HISTORY + 3));
     assert_eq!(listed[0]["deliveries"]["pending"], 0, "no webhooks");
-    let (_, body) = events.admin_listing(None);
+    let body = events.admin_listing(None).expect("no limit");
     assert_eq!(body["events"].as_array().unwrap().len(), DEFAULT_LIST_LIMIT);
-    let (_, body) = events.admin_listing(Some("limit=1000000"));
+    let body = events
+        .admin_listing(Some("limit=1000000"))
+        .expect("a large limit");
     assert_eq!(body["events"].as_array().unwrap().len(), HISTORY);
     for bad in ["limit=0", "limit=-1", "limit=ten", "limit="] {
-        let (status, body) = events.admin_listing(Some(bad));
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-        assert_eq!(body["error"]["code"], "invalid_limit");
+        assert_eq!(events.admin_listing(Some(bad)), Err(InvalidLimit), "{bad}");
     }
 }
 
@@ -196,7 +198,9 @@ fn a_full_queue_drops_events_for_the_webhooks_and_counts_them() {
     assert!(metrics
         .render()
         .contains("finx_gateway_webhook_deliveries_total{outcome=\"failed\"} 3"));
-    let (_, body) = events.admin_listing(Some("limit=1"));
+    let body = events
+        .admin_listing(Some("limit=1"))
+        .expect("a valid limit");
     assert_eq!(body["dropped"], 3);
     assert_eq!(body["events"][0]["deliveries"]["failed"], 1);
 }

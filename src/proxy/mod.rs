@@ -17,7 +17,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorType, Result};
 
 use crate::callers::{Caller, CallerAuth};
 use crate::clock::{Clock, SystemClock};
@@ -278,27 +278,6 @@ impl FinxProxy {
             ))),
         }
     }
-
-    /// The gateway error for a proxying failure pingora reports.
-    fn proxy_failure(error: &Error) -> Option<GatewayError> {
-        use ErrorType::*;
-        match (error.esource(), error.etype()) {
-            // The caller went away or sent garbage: nothing useful can be written back.
-            (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
-            (ErrorSource::Downstream, _) => {
-                Some(GatewayError::bad_request("the request could not be read"))
-            }
-            (_, ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout) => {
-                Some(GatewayError::UpstreamTimeout {
-                    retry_after_secs: 1,
-                })
-            }
-            (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnavailable {
-                retry_after_secs: 1,
-            }),
-            _ => Some(GatewayError::Internal),
-        }
-    }
 }
 
 /// Whether a request may be sent to finX a second time after a 401: safe methods always;
@@ -528,7 +507,7 @@ impl ProxyHttp for FinxProxy {
         error: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let answer = Self::proxy_failure(error);
+        let answer = GatewayError::from_proxy_failure(error);
         let status = match &answer {
             Some(gateway_error) if session.response_written().is_none() => {
                 ctx.gateway_error = Some(gateway_error.code());

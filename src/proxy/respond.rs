@@ -83,20 +83,6 @@ pub async fn send_upstream_answer(
     session.write_response_body(Some(body), true).await
 }
 
-/// Sends an HTML page (the demo's).
-pub async fn send_html(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
-    let mut header = ResponseHeader::build(status, Some(3))?;
-    header.insert_header(CONTENT_TYPE, "text/html; charset=utf-8")?;
-    header.insert_header(CONTENT_LENGTH, body.len())?;
-    echo_request_id(session, &mut header)?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
-}
-
 async fn send(session: &mut Session, mut header: ResponseHeader, body: Bytes) -> Result<()> {
     header.insert_header(CONTENT_TYPE, "application/json")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;

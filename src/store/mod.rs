@@ -169,6 +169,9 @@ pub struct ConnectionSummary {
     pub updated_at: UnixSeconds,
     /// Last data call through any gateway (recorded at most about once an hour per replica).
     pub last_used_at: Option<UnixSeconds>,
+    /// The scope finX granted, as its token answer named it (stored in plaintext: not a
+    /// secret).
+    pub scope: Option<String>,
 }
 
 /// A stored connection, decrypted.

@@ -825,7 +825,7 @@ impl TokenStore for PostgresStore {
         self.run(|shared| async move {
             let rows = sqlx::query(
                 "SELECT key, status, version, created_at, refreshed_at, synced_at, updated_at, \
-                 last_used_at FROM connections ORDER BY key",
+                 last_used_at, scope FROM connections ORDER BY key",
             )
             .fetch_all(&shared.pool)
             .await
@@ -844,6 +844,7 @@ impl TokenStore for PostgresStore {
                         synced_at: row.try_get("synced_at").ok()?,
                         updated_at: row.try_get("updated_at").ok()?,
                         last_used_at: row.try_get("last_used_at").ok()?,
+                        scope: row.try_get("scope").ok()?,
                         key,
                     })
                 })();

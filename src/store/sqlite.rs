@@ -808,7 +808,7 @@ impl TokenStore for SqliteStore {
             let mut statement = conn
                 .prepare(
                     "SELECT key, status, version, created_at, refreshed_at, synced_at, \
-                     updated_at, last_used_at FROM connections ORDER BY key",
+                     updated_at, last_used_at, scope FROM connections ORDER BY key",
                 )
                 .map_err(unavailable)?;
             let rows = statement
@@ -822,6 +822,7 @@ impl TokenStore for SqliteStore {
                         row.get::<_, Option<UnixSeconds>>(5)?,
                         row.get::<_, UnixSeconds>(6)?,
                         row.get::<_, Option<UnixSeconds>>(7)?,
+                        row.get::<_, Option<String>>(8)?,
                     ))
                 })
                 .map_err(unavailable)?;
@@ -836,6 +837,7 @@ impl TokenStore for SqliteStore {
                     synced_at,
                     updated_at,
                     last_used_at,
+                    scope,
                 ) = row.map_err(unavailable)?;
                 let Ok(key) = ConnectionKey::from_stored(&stored) else {
                     tracing::warn!("token store holds a row with an invalid connection key");
@@ -853,6 +855,7 @@ impl TokenStore for SqliteStore {
                     synced_at,
                     updated_at,
                     last_used_at,
+                    scope,
                 });
             }
             Ok(summaries)

@@ -307,7 +307,7 @@ impl Harness {
         let connection = NewConnection {
             refresh_token: SecretString::from(grant.refresh_token.clone()),
             access,
-            scope: None,
+            scope: Some(grant.scope.clone()),
         };
         let key = ConnectionKey::user(user).expect("valid user id");
         self.store()
