@@ -65,9 +65,8 @@ pub(super) fn backoff(settings: &DeliverySettings, attempt: u32) -> Duration {
         .min(settings.retry_max)
 }
 
-/// Takes events off the queue and delivers each to every webhook.
+/// Takes events off the queue and delivers each to every webhook it was recorded for.
 pub(super) struct Dispatcher {
-    webhooks: Arc<[Webhook]>,
     settings: DeliverySettings,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
@@ -87,7 +86,6 @@ impl Dispatcher {
             .user_agent(concat!("finx-gateway/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
-            webhooks: settings.webhooks.clone().into(),
             settings: delivery,
             metrics,
             client,
@@ -99,7 +97,7 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
         let this = Arc::new(self);
         while let Some(recorded) = queue.recv().await {
-            for index in 0..this.webhooks.len() {
+            for index in 0..recorded.webhooks.len() {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
@@ -115,7 +113,7 @@ impl Dispatcher {
     /// Delivers `recorded` to webhook `index`, retrying until it is accepted or
     /// `max_attempts` attempts failed.
     async fn deliver(&self, index: usize, recorded: &Recorded) {
-        let Some(webhook) = self.webhooks.get(index) else {
+        let Some(webhook) = recorded.webhooks.get(index) else {
             return;
         };
         let id = &recorded.event.id;

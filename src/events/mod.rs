@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use secrecy::SecretString;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -204,6 +205,10 @@ pub struct Events {
 
 struct Inner {
     settings: EventSettings,
+    /// The webhooks events go to now: `settings.webhooks` at first, replaced by a reload
+    /// ([`Events::replace_webhooks`]). Each event is delivered to the list it was recorded
+    /// under.
+    webhooks: ArcSwap<Vec<Webhook>>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
@@ -227,6 +232,8 @@ struct Recorded {
     event: Event,
     /// The JSON body, encoded once: every attempt signs and sends the same bytes.
     body: bytes::Bytes,
+    /// The webhooks it goes to: those configured when it was recorded.
+    webhooks: Arc<Vec<Webhook>>,
     /// Webhooks that accepted it.
     delivered: AtomicU32,
     /// Webhooks that gave up on it (or never got it: the queue was full).
@@ -237,7 +244,7 @@ impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Events")
             .field("near_lapse", &self.inner.settings.near_lapse)
-            .field("webhooks", &self.inner.settings.webhooks)
+            .field("webhooks", &self.inner.webhooks.load())
             .finish_non_exhaustive()
     }
 }
@@ -260,6 +267,7 @@ impl Events {
         let (queue, receiver) = mpsc::channel(QUEUE);
         Self {
             inner: Arc::new(Inner {
+                webhooks: ArcSwap::from_pointee(settings.webhooks.clone()),
                 settings,
                 metrics,
                 clock,
@@ -271,12 +279,9 @@ impl Events {
         }
     }
 
-    /// Starts delivering to the webhooks on `runtime` (once; later calls do nothing). Without
-    /// webhooks there is nothing to start. The deliveries end with the runtime.
+    /// Starts delivering to the webhooks on `runtime` (once; later calls do nothing), even
+    /// with none configured yet: a reload may add some. The deliveries end with the runtime.
     pub fn start_delivery(&self, runtime: &tokio::runtime::Handle) {
-        if self.inner.settings.webhooks.is_empty() {
-            return;
-        }
         let Some(receiver) = self.lock_receiver().take() else {
             return;
         };
@@ -288,6 +293,12 @@ impl Events {
                 tracing::error!(%error, "webhook client could not be built; events are not delivered");
             }
         }
+    }
+
+    /// Sends the events recorded from now on to `webhooks` (a reload); events recorded before
+    /// still go to the webhooks they were recorded under.
+    pub fn replace_webhooks(&self, webhooks: Vec<Webhook>) {
+        self.inner.webhooks.store(Arc::new(webhooks));
     }
 
     /// Records that `key` had `kind` happen for `reason` (a short code such as `operator`),
@@ -383,7 +394,7 @@ impl Events {
                 _ => return Err(InvalidLimit),
             }
         }
-        let webhooks = self.inner.settings.webhooks.len() as u32;
+        let webhooks = self.inner.webhooks.load().len() as u32;
         let listed: Vec<Value> = {
             let state = self.lock_state();
             state
@@ -392,13 +403,14 @@ impl Events {
                 .rev()
                 .take(limit)
                 .map(|recorded| {
+                    let targets = recorded.webhooks.len() as u32;
                     let delivered = recorded.delivered.load(Ordering::Relaxed);
                     let failed = recorded.failed.load(Ordering::Relaxed);
                     let mut entry = serde_json::to_value(&recorded.event).unwrap_or(Value::Null);
                     entry["deliveries"] = json!({
                         "delivered": delivered,
                         "failed": failed,
-                        "pending": webhooks.saturating_sub(delivered + failed),
+                        "pending": targets.saturating_sub(delivered + failed),
                     });
                     entry
                 })
@@ -442,6 +454,7 @@ impl Events {
         let recorded = Arc::new(Recorded {
             event,
             body,
+            webhooks: self.inner.webhooks.load_full(),
             delivered: AtomicU32::new(0),
             failed: AtomicU32::new(0),
         });
@@ -489,7 +502,7 @@ impl Events {
 
     /// Hands `recorded` to delivery; a full (or stopped) queue drops it for the webhooks.
     fn enqueue(&self, recorded: Arc<Recorded>) {
-        let webhooks = self.inner.settings.webhooks.len();
+        let webhooks = recorded.webhooks.len();
         if webhooks == 0 {
             return;
         }

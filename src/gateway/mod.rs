@@ -244,6 +244,7 @@ pub fn build_server(
         config.clone(),
         callers.clone(),
         connect.clone(),
+        tokens.events().clone(),
     ));
     let mut server = build_proxy_server(config, tokens.clone(), callers, connect)?;
     let draining = Draining::default();

@@ -1,8 +1,8 @@
 //! Reloading the config file while serving (SIGHUP): a new file is validated completely (both
 //! steps) before anything changes; an invalid one is refused with every problem logged and the
 //! running config keeps serving. What can change in place does, without dropping a connection:
-//! caller keys and policies, the allowed return addresses of connect flows, the log level.
-//! Everything else is listed as needing a restart and left as it runs.
+//! caller keys and policies, the allowed return addresses of connect flows, the log level, the
+//! event webhooks. Everything else is listed as needing a restart and left as it runs.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use crate::callers::CallerAuth;
 use crate::config::{Config, ConfigErrors};
 use crate::connect::ConnectService;
+use crate::events::{EventSettings, Events, Webhook};
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -27,6 +28,7 @@ pub struct Reloader {
     current: Mutex<Config>,
     callers: Arc<ArcSwap<CallerAuth>>,
     connect: Option<Arc<ConnectService>>,
+    events: Events,
 }
 
 impl Reloader {
@@ -35,11 +37,13 @@ impl Reloader {
         config: Config,
         callers: Arc<ArcSwap<CallerAuth>>,
         connect: Option<Arc<ConnectService>>,
+        events: Events,
     ) -> Self {
         Self {
             current: Mutex::new(config),
             callers,
             connect,
+            events,
         }
     }
 
@@ -95,6 +99,11 @@ impl Reloader {
             (None, None, _) => {}
             _ => report.needs_restart.push("connect"),
         }
+        if webhooks_digest(&new.events.webhooks) != webhooks_digest(&current.events.webhooks) {
+            self.events.replace_webhooks(new.events.webhooks.clone());
+            current.events.webhooks = new.events.webhooks.clone();
+            report.applied.push("events.webhooks");
+        }
         if new.telemetry.level != current.telemetry.level {
             match crate::telemetry::set_level(&new.telemetry.level) {
                 Ok(()) => {
@@ -135,7 +144,10 @@ impl Reloader {
                 new.telemetry.format != current.telemetry.format,
             ),
             ("server", differs(&new.server, &current.server)),
-            ("events", differs(&new.events, &current.events)),
+            (
+                "events (near_lapse_days, delivery)",
+                events_fixed(&new.events) != events_fixed(&current.events),
+            ),
         ];
         report.needs_restart.extend(
             restart_only
@@ -150,6 +162,20 @@ impl Reloader {
         }
         Ok(report)
     }
+}
+
+/// The webhooks as compared by a reload: each URL whole (`Debug` shows only its host) and its
+/// secret's digest.
+fn webhooks_digest(webhooks: &[Webhook]) -> Vec<(String, Option<String>)> {
+    webhooks
+        .iter()
+        .map(|webhook| (webhook.url.to_string(), digest(Some(&webhook.secret))))
+        .collect()
+}
+
+/// The `[events]` settings a reload does not change.
+fn events_fixed(events: &EventSettings) -> String {
+    format!("{:?} {:?}", events.near_lapse, events.delivery)
 }
 
 /// A digest of a secret, to tell whether it changed without keeping or printing it.

@@ -7,6 +7,7 @@
 pub mod fixtures;
 pub mod pg;
 pub mod process;
+pub mod webhook;
 
 pub use process::ADMIN_TOKEN;
 
