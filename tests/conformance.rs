@@ -124,15 +124,20 @@ impl FinxClient {
                 "redirect_uri": redirect_uri
             }))
             .await;
+        self.refresh(first).await
+    }
+
+    /// The refresh of the multibanking guide: a new pair, both tokens rotated.
+    async fn refresh(&self, old: Tokens) -> Tokens {
         let renewed = self
             .token(&json!({
                 "grant_type": "refresh_token",
-                "refresh_token": first.refresh_token,
+                "refresh_token": old.refresh_token,
                 "scope": GUIDE_SCOPE
             }))
             .await;
-        assert_ne!(renewed.refresh_token, first.refresh_token, "rotated");
-        assert_ne!(renewed.access_token, first.access_token);
+        assert_ne!(renewed.refresh_token, old.refresh_token, "rotated");
+        assert_ne!(renewed.access_token, old.access_token);
         renewed
     }
 
@@ -235,7 +240,24 @@ async fn financial_data(client: &FinxClient, tokens: &Tokens) -> String {
             tokens,
         )
         .await;
-    assert!(own["transactions"].is_array(), "{own}");
+    let own_transactions = own["transactions"].as_array().expect("transactions");
+    // Paged as the guides page: count and offset.
+    let mut paged = Vec::new();
+    for offset in (0..own_transactions.len().max(1)).step_by(2) {
+        let page = client
+            .rest(
+                &format!("/rest/accounts/{account_id}/transactions?count=2&offset={offset}"),
+                tokens,
+            )
+            .await;
+        let page = page["transactions"].as_array().expect("a page").clone();
+        assert!(page.len() <= 2, "{page:?}");
+        paged.extend(page);
+    }
+    assert_eq!(
+        &paged, own_transactions,
+        "the pages add up to the whole list"
+    );
     let all = client.rest("/rest/transactions", tokens).await;
     for transaction in all["transactions"].as_array().expect("transactions") {
         assert!(transaction["transaction_id"].is_string(), "{transaction}");
@@ -405,6 +427,8 @@ async fn one_time_account_verification() {
         .rest(&format!("/rest/account-verifications/{flow_id}"), &tokens)
         .await;
     assert_eq!(report["id"], flow_id.as_str());
+    // finX's example then reads the verified account and its transactions.
+    financial_data(&client, &tokens).await;
 }
 
 #[tokio::test]
@@ -439,9 +463,10 @@ async fn risk_reports_one_time_and_ongoing() {
         let callback = client.widget(&location, "Connect").await;
         assert_success(&callback, &flow_id, Some("test123"));
         let code = code_as_finx_scripts_read_it(&callback);
-        let tokens = client
+        let first = client
             .token(&json!({ "grant_type": "authorization_code", "code": code }))
             .await;
+        let tokens = client.refresh(first).await;
         let report = client
             .rest(&format!("/rest/risk-reports/{flow_id}"), &tokens)
             .await;

@@ -2377,3 +2377,82 @@ fn spawn_and_drop_from_sync_code() {
     assert_eq!(handle.base_url(), format!("http://{}", handle.addr()));
     drop(handle);
 }
+
+#[tokio::test]
+async fn codes_vary_in_length_like_finx_s_jwt_codes() {
+    let sim = Sim::with_control();
+    let mut lengths = Vec::new();
+    for _ in 0..6 {
+        let (_, code) = sim
+            .consented("/onetime/access", json!({ "redirect_uri": REDIRECT }))
+            .await;
+        assert!((200..=1200).contains(&code.len()), "{}", code.len());
+        assert!(code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        lengths.push(code.len());
+    }
+    lengths.sort_unstable();
+    lengths.dedup();
+    assert!(lengths.len() > 1, "code lengths vary: {lengths:?}");
+}
+
+#[tokio::test]
+async fn an_empty_refresh_scope_keeps_the_granted_scope() {
+    let sim = Sim::with_control();
+    let first = sim.connect("empty-scope").await;
+    let response = sim
+        .token(&json!({
+            "grant_type": "refresh_token",
+            "refresh_token": text(&first["refresh_token"]),
+            "scope": ""
+        }))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let renewed: Value = response.json().await.expect("json");
+    assert_eq!(renewed["scope"], first["scope"], "as if no scope was sent");
+    // A scope beyond the grant is still refused.
+    let widened = sim
+        .token(&json!({
+            "grant_type": "refresh_token",
+            "refresh_token": text(&renewed["refresh_token"]),
+            "scope": "accounts=rw"
+        }))
+        .await;
+    assert_eq!(widened.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn empty_query_parameters_count_as_not_sent() {
+    let sim = Sim::with_control();
+    let grant = sim.ctl.create_grant("empty-query").await.expect("grant");
+    for (path, plain) in [
+        (
+            "/rest/timeline?since=&until=&frequency=&currency=",
+            "/rest/timeline",
+        ),
+        (
+            "/rest/transactions?since=&until=&offset=&count=",
+            "/rest/transactions",
+        ),
+        ("/rest/categories?since=", "/rest/categories"),
+    ] {
+        let with_empty = sim.rest(path, &grant.access_token).await;
+        assert_eq!(with_empty.status(), StatusCode::OK, "{path}");
+        let with_empty: Value = with_empty.json().await.expect("json");
+        let without: Value = sim
+            .rest(plain, &grant.access_token)
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(with_empty, without, "{path}");
+    }
+    // A value that is there is still checked.
+    assert_eq!(
+        sim.rest("/rest/timeline?since=yesterday", &grant.access_token)
+            .await
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+}

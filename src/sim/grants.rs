@@ -256,7 +256,9 @@ impl Grants {
 
     /// Stores a fresh authorization code for a completed flow and returns it.
     pub(crate) fn new_code(&self, origin: CodeOrigin, now: i64) -> String {
-        let code = random_string(96);
+        // finX's codes are JWTs whose length varies like its tokens': a client must not
+        // assume a fixed size.
+        let code = random_string(rand::rng().random_range(200..=1200));
         let record = CodeRecord {
             origin,
             expires_at: now.saturating_add(secs(self.policy.code_ttl)),
@@ -452,7 +454,9 @@ impl Grants {
                 "grant lapsed after a period of inactivity",
             ));
         }
-        let scope = match requested_scope {
+        // An empty scope counts as not sent (the granted scope stays), like an empty
+        // redirect_uri at the exchange.
+        let scope = match requested_scope.filter(|requested| !requested.trim().is_empty()) {
             Some(requested) => {
                 let granted: Vec<&str> = granted_scope.split_whitespace().collect();
                 if !requested

@@ -164,11 +164,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Segment {
 pub(crate) struct QueryPairs(pub Vec<(String, String)>);
 
 impl QueryPairs {
+    /// The value of `key`; an empty one (`?since=`) counts as not sent, as a client template
+    /// with an enabled but unfilled parameter sends it.
     pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+            .filter(|value| !value.is_empty())
     }
 }
 
