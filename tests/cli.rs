@@ -114,6 +114,17 @@ fn check_config_resolves_secrets_in_a_second_step_that_offline_skips() {
     assert!(offline.status.success(), "{}", text(&offline));
     assert!(text(&offline).contains("OK offline"), "{}", text(&offline));
 
+    // Offline resolves no address: a host no DNS knows (`.invalid` never resolves) passes
+    // offline and fails the full check.
+    let unresolvable = config.replace("http://127.0.0.1:9", "http://finx-upstream.invalid:9");
+    assert_ne!(unresolvable, config, "the test config names its upstream");
+    std::fs::write(&path, unresolvable).unwrap();
+    let offline = gateway(&["check-config", "--offline", path.to_str().unwrap()], None);
+    assert!(offline.status.success(), "{}", text(&offline));
+    let online = gateway(&["check-config", path.to_str().unwrap()], None);
+    assert!(!online.status.success(), "{}", text(&online));
+    assert!(text(&online).contains("upstream"), "{}", text(&online));
+
     // Offline still finds every mistake in the file itself.
     std::fs::write(&path, "[tokens]\ncache_capacity = 0\n").unwrap();
     let offline = gateway(&["check-config", "--offline", path.to_str().unwrap()], None);
