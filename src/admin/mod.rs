@@ -256,34 +256,32 @@ impl AdminApp {
         match segments.as_slice() {
             [] => match *method {
                 Method::GET => page::status(self).await,
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
+                _ => method_not_allowed("GET"),
             },
             ["connections"] => match *method {
                 Method::GET => api::list(self, query.as_deref()).await,
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
+                _ => method_not_allowed("GET"),
             },
             ["connections", key] => match *method {
                 Method::GET => api::show(self, key).await,
                 Method::DELETE => api::purge(self, key).await,
-                _ => error_answer(&AdminError::MethodNotAllowed {
-                    allowed: "GET, DELETE",
-                }),
+                _ => method_not_allowed("GET, DELETE"),
             },
             ["connections", key, "import"] => match *method {
                 Method::POST => api::import(self, session, key).await,
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
+                _ => method_not_allowed("POST"),
             },
             ["connections", key, "revoke"] => match *method {
                 Method::POST => api::revoke(self, key).await,
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
+                _ => method_not_allowed("POST"),
             },
             ["keys"] => match *method {
                 Method::GET => keys::status(self).await,
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
+                _ => method_not_allowed("GET"),
             },
             ["keys", "rotate"] => match *method {
                 Method::POST => keys::start(self),
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "POST" }),
+                _ => method_not_allowed("POST"),
             },
             ["events"] => match *method {
                 Method::GET => match self.tokens.events().admin_listing(query.as_deref()) {
@@ -293,7 +291,7 @@ impl AdminApp {
                         invalid.to_string(),
                     )),
                 },
-                _ => error_answer(&AdminError::MethodNotAllowed { allowed: "GET" }),
+                _ => method_not_allowed("GET"),
             },
             _ => error_answer(&AdminError::NotFound),
         }
@@ -436,6 +434,11 @@ fn error_answer(error: &AdminError) -> Response<Vec<u8>> {
             .insert(header::ALLOW, HeaderValue::from_static(allowed));
     }
     answer
+}
+
+/// 405 naming the methods the endpoint takes.
+fn method_not_allowed(allowed: &'static str) -> Response<Vec<u8>> {
+    error_answer(&AdminError::MethodNotAllowed { allowed })
 }
 
 /// Reads the request body, at most [`MAX_BODY_BYTES`]. A longer one is refused; it is still

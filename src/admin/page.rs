@@ -14,7 +14,7 @@ use serde_json::Value;
 use zeroize::Zeroize;
 
 use super::session::{COOKIE_NAME, SESSION_LIFETIME_SECS};
-use super::{answer, constant_time_eq, error_answer, read_body, AdminApp};
+use super::{answer, constant_time_eq, error_answer, method_not_allowed, read_body, AdminApp};
 use crate::clock::{format_utc, UnixSeconds};
 use crate::error::AdminError;
 use crate::html::escape;
@@ -83,7 +83,7 @@ pub fn to_login() -> Response<Vec<u8>> {
 /// `POST /admin/logout`: ends the browser's session (the cookie is cleared).
 pub fn logout(method: &Method) -> Response<Vec<u8>> {
     if *method != Method::POST {
-        return error_answer(&AdminError::MethodNotAllowed { allowed: "POST" });
+        return method_not_allowed("POST");
     }
     let clear = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/admin; Max-Age=0");
     match HeaderValue::try_from(clear) {
@@ -136,9 +136,7 @@ pub async fn login(
                 }
             }
         }
-        _ => error_answer(&AdminError::MethodNotAllowed {
-            allowed: "GET, POST",
-        }),
+        _ => method_not_allowed("GET, POST"),
     }
 }
 
