@@ -20,7 +20,7 @@ use finx_gateway::sim::SimConfig;
 use finx_gateway::store::crypto::{EncryptionKey, TokenColumn};
 use finx_gateway::store::{AccessToken, ConnectionKey, NewConnection};
 use finx_gateway::tokens::{TokenManager, TokenSource};
-use gateway_config::GatewayFiles;
+use gateway_config::{GatewayFiles, ServerTuning};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use secrecy::SecretString;
@@ -31,7 +31,7 @@ const UNUSED_UPSTREAM: &str = "http://127.0.0.1:9";
 /// A config over a throwaway store and the demo caller token it accepts.
 fn bench_config(files: &GatewayFiles) -> (Config, String) {
     let config = files
-        .config(UNUSED_UPSTREAM, &SimConfig::default(), None)
+        .config(UNUSED_UPSTREAM, &SimConfig::default(), ServerTuning::default())
         .expect("bench config is valid");
     let caller_token = finx_gateway::demo::mint_demo_token(
         &config.callers,

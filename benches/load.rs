@@ -18,7 +18,9 @@
 //! Output: Markdown on stdout and `$CARGO_TARGET_DIR/bench/load.json` (default
 //! `target/bench/load.json`). `cargo bench --bench load -- --quick` is a smoke run of a minute
 //! or two (one round of one second, fewer users). `--scenario a,b,e` (or `--scenario e`) runs
-//! only those scenarios; all by default. `--threads N` sets the proxies' threads.
+//! only those scenarios; all by default. `--threads N` sets the proxies' threads and
+//! `--work-stealing on|off` their runtime flavour; `--rounds N` and `--seconds S` change the
+//! plan.
 //!
 //! Performance targets are reported, not enforced. Scenario (e) checks correctness: exactly one
 //! refresh per user, no refresh-token reuse, no revoked family, every request answered; a
@@ -26,8 +28,12 @@
 //! `FINX_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and fails,
 //! before anything else runs, when it cannot create its database there.
 
+#[path = "load/access_log.rs"]
+mod access_log;
 #[path = "load/affinity.rs"]
 mod affinity;
+#[path = "load/cpu.rs"]
+mod cpu;
 #[path = "load/gateway_config.rs"]
 mod gateway_config;
 #[path = "load/generator.rs"]
@@ -59,9 +65,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use affinity::{pin_current_thread, resident_kib, started_on, CoreLayout};
-use gateway_config::GatewayFiles;
+use gateway_config::{GatewayFiles, ServerTuning};
 use generator::{Authorization, Generator, KeptConnection, Samples, Workload};
 use report::Cell;
+
+/// The product's allocator: the gateway and the passthrough in this process use what the
+/// `finx-gateway` binary uses.
+#[global_allocator]
+static ALLOCATOR: finx_gateway::allocator::Global = finx_gateway::allocator::GLOBAL;
 
 /// How much to measure: the full run or the `--quick` smoke run.
 struct Plan {
@@ -179,30 +190,64 @@ impl Selection {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|arg| arg == "--quick");
-    let selection = match Selection::parse(&args) {
-        Ok(selection) => selection,
+    let run_options = match Selection::parse(&args).and_then(|selection| {
+        Ok((selection, options(&args)?))
+    }) {
+        Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("load bench: {error}");
             std::process::exit(2);
         }
     };
-    // `--threads N`: pingora threads of gateway and passthrough, nginx workers (default: the
-    // gateway's default).
-    let threads = args
-        .iter()
-        .position(|arg| arg == "--threads")
-        .and_then(|at| args.get(at + 1))
-        .and_then(|n| n.parse::<usize>().ok());
-    if let Err(error) = run(
-        if quick { Plan::quick() } else { Plan::full() },
-        quick,
-        threads,
-        &selection,
-    ) {
+    let (selection, (quick, plan, tuning)) = run_options;
+    if let Err(error) = run(plan, quick, tuning, &selection) {
         eprintln!("load bench failed: {error}");
         std::process::exit(1);
     }
+}
+
+/// The value after `--name` (or in `--name=value`), parsed.
+fn option<T: std::str::FromStr>(args: &[String], name: &str) -> BenchResult<Option<T>> {
+    let inline = format!("{name}=");
+    let value = args.iter().enumerate().find_map(|(at, arg)| {
+        if arg == name {
+            Some(args.get(at + 1).map(String::as_str).unwrap_or(""))
+        } else {
+            arg.strip_prefix(&inline)
+        }
+    });
+    value
+        .map(|value| {
+            value
+                .parse()
+                .map_err(|_| format!("{name}: cannot use {value:?}"))
+        })
+        .transpose()
+}
+
+/// `--quick`; `--rounds N` and `--seconds S` (per target and concurrency) to change the plan;
+/// `--threads N` (pingora threads of gateway and passthrough, nginx workers) and
+/// `--work-stealing on|off` to change the proxies (default: the gateway's defaults).
+fn options(args: &[String]) -> BenchResult<(bool, Plan, ServerTuning)> {
+    let quick = args.iter().any(|arg| arg == "--quick");
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    if let Some(rounds) = option::<usize>(args, "--rounds")? {
+        plan.rounds = rounds.max(1);
+    }
+    if let Some(seconds) = option::<u64>(args, "--seconds")? {
+        plan.seconds_per_run = seconds.max(1);
+    }
+    let work_stealing = match option::<String>(args, "--work-stealing")?.as_deref() {
+        None => None,
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        Some(other) => return Err(format!("--work-stealing: on or off, not {other:?}")),
+    };
+    let tuning = ServerTuning {
+        threads: option(args, "--threads")?,
+        work_stealing,
+    };
+    Ok((quick, plan, tuning))
 }
 
 /// One proxy (or the simulator itself) and the requests it is sent.
@@ -211,9 +256,11 @@ struct Target {
     addr: SocketAddr,
     workload: Arc<Workload>,
     script: PathBuf,
+    /// Whose CPU time is this target's.
+    account: cpu::Account,
 }
 
-fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -> BenchResult<()> {
+fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> BenchResult<()> {
     // Scenario (e)'s database first: without PostgreSQL the run fails before measuring anything.
     // Declared first, so it is dropped last, after every replica.
     let database = if selection.has('e') {
@@ -232,7 +279,8 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
     let sim_config = SimConfig::default().with_control();
     let sim = finx_gateway::sim::spawn(sim_config.clone()).map_err(|e| e.to_string())?;
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
-    let config = files.config(&sim.base_url(), &sim_config, threads)?;
+    let mut access_log = access_log::AccessLog::install(files.file("access.log"))?;
+    let config = files.config(&sim.base_url(), &sim_config, tuning)?;
     let clock = ManualClock::default();
     let store = finx_gateway::open_store(&config, finx_gateway::OpenWait::Once)
         .map_err(|e| e.to_string())?;
@@ -260,9 +308,11 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
     println!("- placement: {}", layout.describe());
     println!("- load generator: {}", generator.describe());
     println!(
-        "- proxies: pingora threads = {} (gateway and passthrough), upstream keep-alive pool {}; nginx {}",
+        "- proxies: pingora threads = {}, work stealing {} (gateway and passthrough), upstream keep-alive pool {}, allocator {}; gateway access log JSON at info to a file; nginx {}",
         config.server.threads,
+        if config.server.work_stealing { "on" } else { "off" },
         config.upstream.pool_size,
+        finx_gateway::allocator::NAME,
         match &nginx_binary {
             Some(path) => format!("{} with worker_processes {}", path.display(), config.server.threads),
             None => "not installed: skipped".into(),
@@ -271,6 +321,14 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
     println!(
         "- runs: {} round(s) × {} s per target and concurrency, targets rotated each round; open-file limit {open_files}",
         plan.rounds, plan.seconds_per_run
+    );
+    println!(
+        "- CPU per request: {}",
+        if cpu::available() {
+            "the target's threads' run time (schedstat) over the run ÷ requests answered"
+        } else {
+            "not available (no /proc/<pid>/schedstat)"
+        }
     );
     println!("- scenarios: {}\n", selection.describe());
 
@@ -324,16 +382,21 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
             None => None,
         };
         let mut targets = vec![
-            ("direct", sim.addr(), per_user.clone()),
-            ("passthrough", passthrough.addr(), per_user.clone()),
-            ("gateway", gateway.addr(), as_caller.clone()),
+            ("direct", sim.addr(), per_user.clone(), cpu::SIMULATOR),
+            ("passthrough", passthrough.addr(), per_user.clone(), cpu::PASSTHROUGH),
+            ("gateway", gateway.addr(), as_caller.clone(), cpu::GATEWAY),
         ];
         if let Some(nginx) = &nginx {
-            targets.push(("nginx", nginx.addr(), as_caller.clone()));
+            targets.push((
+                "nginx",
+                nginx.addr(),
+                as_caller.clone(),
+                cpu::Account::ProcessTree(nginx.pid()),
+            ));
         }
         let targets: Vec<Target> = targets
             .into_iter()
-            .map(|(name, addr, workload)| {
+            .map(|(name, addr, workload, account)| {
                 let script = generator
                     .prepare(&workload, scripts.path(), &format!("{prefix}-{name}"))
                     .map_err(|e| e.to_string())?;
@@ -342,6 +405,7 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
                     addr,
                     workload,
                     script,
+                    account,
                 })
             })
             .collect::<BenchResult<_>>()?;
@@ -356,6 +420,7 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
                 1,
             )?;
         }
+        access_log.skip(&runtime, gateway.addr())?;
         for &concurrency in &plan.concurrencies {
             let first = cells.len();
             for target in &targets {
@@ -370,7 +435,8 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
                 for offset in 0..targets.len() {
                     let index = (round + offset) % targets.len();
                     let target = &targets[index];
-                    let result = generator.run(
+                    let cpu_before = target.account.cpu_ns();
+                    let mut result = generator.run(
                         &runtime,
                         target.addr,
                         &target.workload,
@@ -378,6 +444,16 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
                         concurrency,
                         plan.seconds_per_run,
                     )?;
+                    let cpu_ns = target.account.cpu_ns().saturating_sub(cpu_before);
+                    if cpu::available() && result.requests > 0 {
+                        result.cpu_us_per_request =
+                            Some(cpu_ns as f64 / 1e3 / result.requests as f64);
+                    }
+                    if target.name == "gateway" {
+                        let own = access_log.overhead(&runtime, target.addr)?;
+                        result.overhead_p50_us = Some(own.p50_us);
+                        result.overhead_p99_us = Some(own.p99_us);
+                    }
                     cells[first + index].rounds.push(result);
                 }
             }
@@ -414,7 +490,7 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
     let replicated = match &database {
         Some(database) => {
             let replica_configs =
-                replicas::replica_configs(&files, &sim.base_url(), &sim_config, threads, database)?;
+                replicas::replica_configs(&files, &sim.base_url(), &sim_config, tuning, database)?;
             let bench = replicas::Bench {
                 plan: &plan,
                 layout: &layout,
@@ -440,6 +516,8 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
 
     let ratios = report::ratios(&cells);
     if !cells.is_empty() {
+        println!("## CPU per request (µs, median over rounds)\n");
+        println!("{}", report::markdown_cpu(&cells));
         println!("## Throughput and latency\n");
         println!("{}", report::markdown_table(&cells));
         println!("spread = ±half the range of req/s over the rounds, in % of the median; latencies are medians over rounds.\n");
@@ -467,6 +545,8 @@ fn run(plan: Plan, quick: bool, threads: Option<usize>, selection: &Selection) -
         "generator": generator.describe(),
         "nginx": nginx_binary.as_ref().map(|p| p.display().to_string()),
         "pingora_threads": config.server.threads,
+        "work_stealing": config.server.work_stealing,
+        "allocator": finx_gateway::allocator::NAME,
         "rounds": plan.rounds,
         "seconds_per_run": plan.seconds_per_run,
         "cells": cells.iter().map(|c| json!({
@@ -655,7 +735,7 @@ fn cached_connection_memory(
     sim_config: &SimConfig,
 ) -> BenchResult<MemoryResult> {
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
-    let config: Config = files.config(&sim.base_url(), sim_config, None)?;
+    let config: Config = files.config(&sim.base_url(), sim_config, ServerTuning::default())?;
     // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
     let caller_bearer = caller_bearer(&config)?;
     let clock = ManualClock::default();

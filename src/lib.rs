@@ -21,6 +21,7 @@ macro_rules! fail_point {
 }
 
 pub mod admin;
+pub mod allocator;
 pub mod callers;
 pub mod cli;
 pub mod clock;

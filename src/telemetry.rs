@@ -37,11 +37,23 @@ pub struct TelemetrySettings {
 /// Safe to call more than once (later calls are ignored).
 #[must_use = "dropping the guard stops the log writer"]
 pub fn init(config: &TelemetrySettings) -> WorkerGuard {
+    init_to(config, std::io::stderr(), colours_on_stderr())
+}
+
+/// As [`init`], writing to `output` instead of stderr (the load bench sends the gateway's
+/// access log to a file it reads back). The writer thread is `finx-log-writer`.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init_to(
+    config: &TelemetrySettings,
+    output: impl std::io::Write + Send + 'static,
+    colours: bool,
+) -> WorkerGuard {
     // Lossless: under overload requests wait for the writer rather than drop audit lines.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
-    install(config.format, &config.level, writer, colours_on_stderr());
+        .thread_name("finx-log-writer")
+        .finish(output);
+    install(config.format, &config.level, writer, colours);
     guard
 }
 
@@ -62,11 +74,34 @@ pub fn set_level(level: &str) -> Result<(), String> {
         return Err("RUST_LOG is set; it decides the level".into());
     }
     let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let log_level = log_max_level(&filter);
     LEVEL
         .get()
         .ok_or_else(|| "logging is not initialised".to_owned())?
         .reload(filter)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    log::set_max_level(log_level);
+    Ok(())
+}
+
+/// The most verbose `log` record worth building under `filter`: what the filter may let
+/// through, but never TRACE, which [`may_carry_no_secret`] drops for every dependency. The
+/// `log` macros check this level before they format anything, so pingora's per-request
+/// debug and trace records cost nothing below the configured level; without it the bridge
+/// would accept (format, then filter out) every record.
+fn log_max_level(filter: &EnvFilter) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter;
+    match filter
+        .max_level_hint()
+        .unwrap_or(LevelFilter::TRACE)
+        .min(LevelFilter::DEBUG)
+    {
+        LevelFilter::OFF => log::LevelFilter::Off,
+        LevelFilter::ERROR => log::LevelFilter::Error,
+        LevelFilter::WARN => log::LevelFilter::Warn,
+        LevelFilter::INFO => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    }
 }
 
 /// Whether a record may be written at all: ours at any level, pingora's from INFO up, other
@@ -98,6 +133,7 @@ where
     let env_filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_level = log_max_level(&env_filter);
     let (env_filter, handle) = reload::Layer::new(env_filter);
     let filter = env_filter.and(filter_fn(may_carry_no_secret));
     let layer = match format {
@@ -113,12 +149,15 @@ where
             .with_filter(filter)
             .boxed(),
     };
-    // `try_init` also installs the `log` → `tracing` bridge for pingora's records.
+    // `try_init` also installs the `log` → `tracing` bridge for pingora's records, at the
+    // subscriber's level hint, which the secret filter (no hint) widens to TRACE: narrowed
+    // again right after.
     if tracing_subscriber::registry()
         .with(layer)
         .try_init()
         .is_ok()
     {
+        log::set_max_level(log_level);
         let _ = LEVEL.set(handle);
     }
 }
@@ -126,6 +165,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_records_below_the_configured_level_are_never_built() {
+        let level = |directive: &str| log_max_level(&EnvFilter::new(directive));
+        assert_eq!(level("info"), log::LevelFilter::Info);
+        assert_eq!(level("warn"), log::LevelFilter::Warn);
+        assert_eq!(level("off"), log::LevelFilter::Off);
+        assert_eq!(level("pingora_core=info,error"), log::LevelFilter::Info);
+        // TRACE records of dependencies are dropped whatever the filter says.
+        assert_eq!(level("trace"), log::LevelFilter::Debug);
+        assert_eq!(level("finx_gateway=trace,info"), log::LevelFilter::Debug);
+    }
 
     #[test]
     fn dependency_trace_records_are_dropped() {

@@ -9,6 +9,14 @@ use finx_gateway::sim::SimConfig;
 use finx_gateway::store::crypto::EncryptionKey;
 use secrecy::ExposeSecret;
 
+/// The `[server]` settings a run overrides (`--threads`, `--work-stealing`); `None` keeps the
+/// gateway's default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerTuning {
+    pub threads: Option<usize>,
+    pub work_stealing: Option<bool>,
+}
+
 /// Key files, client secret and store of one bench gateway; removed on drop.
 pub struct GatewayFiles {
     dir: tempfile::TempDir,
@@ -42,14 +50,14 @@ impl GatewayFiles {
     }
 
     /// The gateway config for the simulator at `sim_base_url`, listening on an ephemeral
-    /// loopback port, with `threads` pingora worker threads (`None`: the gateway's default).
+    /// loopback port, with the `[server]` settings of `tuning`.
     pub fn config(
         &self,
         sim_base_url: &str,
         sim: &SimConfig,
-        threads: Option<usize>,
+        tuning: ServerTuning,
     ) -> Result<Config, String> {
-        let file = self.config_file(sim_base_url, sim, threads)?;
+        let file = self.config_file(sim_base_url, sim, tuning)?;
         Config::from_file(&file, Path::new(".")).map_err(|e| e.to_string())
     }
 
@@ -59,7 +67,7 @@ impl GatewayFiles {
         &self,
         sim_base_url: &str,
         sim: &SimConfig,
-        threads: Option<usize>,
+        tuning: ServerTuning,
     ) -> Result<ConfigFile, String> {
         let secret_path = self.file("client-secret");
         std::fs::write(&secret_path, &sim.client_secret).map_err(|e| e.to_string())?;
@@ -72,7 +80,8 @@ impl GatewayFiles {
         file.client.secret = Some(SecretRef::File(secret_path));
         file.store.path = Some(self.file("tokens.db"));
         file.store.encryption_key = Some(SecretRef::File(self.file("store.key")));
-        file.server.threads = threads;
+        file.server.threads = tuning.threads;
+        file.server.work_stealing = tuning.work_stealing;
         let demo: ConfigFile = toml::from_str(finx_gateway::demo::DEMO_TOML)
             .map_err(|e| format!("demo config: {e}"))?;
         file.callers = demo.callers;

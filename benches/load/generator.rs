@@ -110,6 +110,11 @@ pub struct RunResult {
     /// wrk: responses with status ≥ 400; built-in: every status outside 2xx.
     pub non_2xx: u64,
     pub socket_errors: u64,
+    /// The target's own CPU time over the run ÷ the requests it answered, µs (see `cpu.rs`).
+    pub cpu_us_per_request: Option<f64>,
+    /// The gateway's time outside upstream I/O (see `access_log.rs`), p50 and p99, µs.
+    pub overhead_p50_us: Option<f64>,
+    pub overhead_p99_us: Option<f64>,
 }
 
 /// Which load generator runs.
@@ -262,6 +267,9 @@ fn run_wrk(
         p999_us: p999,
         non_2xx: status_errors as u64,
         socket_errors: socket_errors as u64,
+        cpu_us_per_request: None,
+        overhead_p50_us: None,
+        overhead_p99_us: None,
     })
 }
 
@@ -294,6 +302,9 @@ impl Samples {
             p999_us: percentile(&self.latencies_us, 99.9),
             non_2xx: self.non_2xx,
             socket_errors: self.socket_errors,
+            cpu_us_per_request: None,
+            overhead_p50_us: None,
+            overhead_p99_us: None,
         }
     }
 }

@@ -129,6 +129,11 @@ http {{
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// The master process; its workers are its children.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Nginx {

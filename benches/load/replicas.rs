@@ -39,7 +39,7 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::affinity::{started_on, CoreLayout};
-use crate::gateway_config::GatewayFiles;
+use crate::gateway_config::{GatewayFiles, ServerTuning};
 use crate::generator::{
     self, spawn_wave, Authorization, ConcurrentRun, Generator, KeptConnection, RunResult, Workload,
 };
@@ -166,14 +166,14 @@ pub fn replica_configs(
     files: &GatewayFiles,
     sim_base_url: &str,
     sim: &SimConfig,
-    threads: Option<usize>,
+    tuning: ServerTuning,
     database: &BenchDatabase,
 ) -> BenchResult<Vec<Config>> {
     let url_path = files.file("database-url");
     std::fs::write(&url_path, &database.url).map_err(|e| e.to_string())?;
     (1..=REPLICAS)
         .map(|replica| {
-            let mut file = files.config_file(sim_base_url, sim, threads)?;
+            let mut file = files.config_file(sim_base_url, sim, tuning)?;
             file.store.kind = Some("postgres".into());
             file.store.path = None;
             file.store.url = Some(SecretRef::File(url_path.clone()));

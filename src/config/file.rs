@@ -223,6 +223,9 @@ pub struct TelemetryFile {
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     pub threads: Option<usize>,
+    /// Whether pingora's worker threads steal each other's tasks (one shared tokio runtime) or
+    /// each run their own connections (a runtime per thread).
+    pub work_stealing: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
     /// The Unix socket over which a process started with `serve --upgrade` takes the running

@@ -166,6 +166,10 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub threads: usize,
+    /// One work-stealing runtime for all threads (`true`) or a runtime per thread (`false`, the
+    /// default: cheaper per request for a sidecar's one or two threads; see README
+    /// "Performance").
+    pub work_stealing: bool,
     pub grace_period: Duration,
     /// Where listening sockets are handed over in a graceful upgrade.
     pub upgrade_sock: PathBuf,

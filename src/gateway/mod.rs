@@ -278,7 +278,7 @@ pub fn build_server(
 pub fn pingora_server(config: &Config) -> Server {
     let server_conf = ServerConf {
         threads: config.server.threads,
-        work_stealing: true,
+        work_stealing: config.server.work_stealing,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: config.upstream.pool_size,
