@@ -1,5 +1,7 @@
-//! Load harness : the gateway against a plain pingora passthrough, nginx and
-//! the simulator itself ("direct", the ceiling), under the same HTTP/1.1 keep-alive load.
+//! Load harness: the gateway against a plain pingora passthrough, nginx and the simulator
+//! itself ("direct", the ceiling), under the same HTTP/1.1 keep-alive load. The headline is
+//! each target's CPU time per request (`load/cpu.rs`); req/s and latency stand beside it, and
+//! the gateway's own time per request comes from its access lines (`load/access_log.rs`).
 //!
 //! One run starts the finX simulator (upstream), the gateway (warm cache), the passthrough
 //! (`load/passthrough.rs`) and, when installed, nginx (`load/nginx.rs`), then measures:
@@ -7,18 +9,21 @@
 //! * (a) one user, cache hit, and (b) 10,000 users chosen uniformly at random, at concurrency
 //!   1, 16 and 64, each target for a fixed time per round, targets rotated every round so that
 //!   drift cancels; medians of the rounds with their spread;
-//! * (c) resident memory per cached connection, warming 100,000 users through a fresh gateway;
+//! * (c) resident memory per cached connection, warming 100,000 users through a fresh gateway,
+//!   also as bytes beyond the token's own; (m), only when asked for, the same with a million;
 //! * (d) a refresh storm: 1,000 users × 10 concurrent requests whose access tokens all expire
 //!   at once, with 50 ms added to the simulator's token endpoint, while other users keep
 //!   sending paced requests;
 //! * (e) three gateway replicas on one shared PostgreSQL store (`load/replicas.rs`): cache-hit
 //!   throughput of each replica alone and of the three at once, against the single SQLite
-//!   gateway; and a refresh storm that sends every replica a request for every user at once.
+//!   gateway; and a refresh storm that sends every replica a request for every user at once;
+//! * (f) steady traffic across token expiries (`load/expiry.rs`): requests that waited for a
+//!   refresh.
 //!
 //! Output: Markdown on stdout and `$CARGO_TARGET_DIR/bench/load.json` (default
 //! `target/bench/load.json`). `cargo bench --bench load -- --quick` is a smoke run of a minute
 //! or two (one round of one second, fewer users). `--scenario a,b,e` (or `--scenario e`) runs
-//! only those scenarios; all by default. `--threads N` sets the proxies' threads and
+//! only those scenarios; all but (m) by default. `--threads N` sets the proxies' threads and
 //! `--work-stealing on|off` their runtime flavour; `--rounds N` and `--seconds S` change the
 //! plan.
 //!
@@ -34,6 +39,8 @@ mod access_log;
 mod affinity;
 #[path = "load/cpu.rs"]
 mod cpu;
+#[path = "load/expiry.rs"]
+mod expiry;
 #[path = "load/gateway_config.rs"]
 mod gateway_config;
 #[path = "load/generator.rs"]
@@ -89,7 +96,13 @@ struct Plan {
     replica_concurrencies: [usize; 2],
     /// (e): users in the refresh storm across the replicas.
     replica_storm_users: usize,
+    /// (f): users under steady load, and the wall seconds of the run.
+    expiry_users: usize,
+    expiry_seconds: u64,
 }
+
+/// (m): cached connections of the long memory run.
+const MILLION_USERS: usize = 1_000_000;
 
 impl Plan {
     fn full() -> Self {
@@ -105,6 +118,8 @@ impl Plan {
             calm_seconds: 2,
             replica_concurrencies: [16, 64],
             replica_storm_users: 1_000,
+            expiry_users: 1_000,
+            expiry_seconds: 12,
         }
     }
 
@@ -121,6 +136,8 @@ impl Plan {
             calm_seconds: 1,
             replica_concurrencies: [16, 64],
             replica_storm_users: 300,
+            expiry_users: 200,
+            expiry_seconds: 4,
         }
     }
 }
@@ -132,8 +149,9 @@ const WARM_CONNECTIONS: usize = 64;
 
 type BenchResult<T> = Result<T, String>;
 
-/// Every scenario, in the order they run.
-const SCENARIOS: &str = "abcde";
+/// Every scenario, in the order they run; all but (m) run by default.
+const SCENARIOS: &str = "abcdefm";
+const DEFAULT_SCENARIOS: &str = "abcdef";
 
 /// The scenarios to run: `--scenario a,b,e`, `--scenario=e` or several `--scenario` options;
 /// all of them when there is none.
@@ -164,14 +182,14 @@ impl Selection {
                     }
                     _ => {
                         return Err(format!(
-                            "unknown scenario {name:?}: choose from a, b, c, d, e"
+                            "unknown scenario {name:?}: choose from a, b, c, d, e, f, m"
                         ))
                     }
                 }
             }
         }
         if !any {
-            chosen.extend(SCENARIOS.chars());
+            chosen.extend(DEFAULT_SCENARIOS.chars());
         }
         if chosen.is_empty() {
             return Err("--scenario: no scenario given".into());
@@ -190,15 +208,14 @@ impl Selection {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let run_options = match Selection::parse(&args).and_then(|selection| {
-        Ok((selection, options(&args)?))
-    }) {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            eprintln!("load bench: {error}");
-            std::process::exit(2);
-        }
-    };
+    let run_options =
+        match Selection::parse(&args).and_then(|selection| Ok((selection, options(&args)?))) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                eprintln!("load bench: {error}");
+                std::process::exit(2);
+            }
+        };
     let (selection, (quick, plan, tuning)) = run_options;
     if let Err(error) = run(plan, quick, tuning, &selection) {
         eprintln!("load bench failed: {error}");
@@ -383,7 +400,12 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
         };
         let mut targets = vec![
             ("direct", sim.addr(), per_user.clone(), cpu::SIMULATOR),
-            ("passthrough", passthrough.addr(), per_user.clone(), cpu::PASSTHROUGH),
+            (
+                "passthrough",
+                passthrough.addr(),
+                per_user.clone(),
+                cpu::PASSTHROUGH,
+            ),
             ("gateway", gateway.addr(), as_caller.clone(), cpu::GATEWAY),
         ];
         if let Some(nginx) = &nginx {
@@ -463,7 +485,18 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
 
     let memory = if selection.has('c') {
         Some(cached_connection_memory(
-            &plan,
+            plan.rss_users,
+            &layout,
+            &runtime,
+            &sim,
+            &sim_config,
+        )?)
+    } else {
+        None
+    };
+    let million = if selection.has('m') {
+        Some(cached_connection_memory(
+            MILLION_USERS,
             &layout,
             &runtime,
             &sim,
@@ -477,6 +510,19 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
             open_files,
             &plan,
             &layout,
+            &runtime,
+            &control,
+            &store,
+            &clock,
+            &gateway,
+            &caller_bearer,
+        )?)
+    } else {
+        None
+    };
+    let expiry = if selection.has('f') {
+        Some(expiry::run(
+            &plan,
             &runtime,
             &control,
             &store,
@@ -527,10 +573,17 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
         println!("{}", report::markdown_ratios(&ratios));
     }
     if let Some(memory) = &memory {
-        print_memory(memory);
+        print_memory("Memory per cached connection (c)", memory);
+    }
+    if let Some(million) = &million {
+        print_memory("A million cached connections (m)", million);
     }
     if let Some(storm) = &storm {
         print_storm(storm);
+    }
+    if let Some(expiry) = &expiry {
+        println!("## Steady traffic across expiries (f)\n");
+        println!("{}", expiry::markdown(expiry));
     }
     if let Some(replicated) = &replicated {
         println!("## Replicas on one PostgreSQL store (e)\n");
@@ -555,6 +608,8 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
         })).collect::<Vec<_>>(),
         "ratios": ratios,
         "memory": memory,
+        "million": million,
+        "expiry": expiry,
         "storm": storm,
         "replicas": replicated,
     });
@@ -580,14 +635,19 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
     }
 }
 
-fn print_memory(memory: &MemoryResult) {
-    println!("## Memory per cached connection (c)\n");
+fn print_memory(title: &str, memory: &MemoryResult) {
+    println!("## {title}\n");
     println!(
-        "{} users warmed through a fresh gateway: VmRSS {} KiB → {} KiB, {:.0} bytes per cached connection ({} cache entries; simulator, store page cache and allocator slack included)\n",
+        "{} users warmed through a fresh gateway: VmRSS of the bench process {} KiB → {} KiB, \
+         **{:.0} bytes per cached connection, of which the `Authorization` value is {:.0} (mean) \
+         and everything else {:.0}** ({} cache entries; store page cache and allocator slack \
+         included)\n",
         memory.users_warmed,
         memory.rss_before_kib,
         memory.rss_after_kib,
         memory.bytes_per_connection,
+        memory.mean_header_bytes,
+        memory.overhead_bytes,
         memory.cached_entries
     );
 }
@@ -713,29 +773,38 @@ async fn seed_users_into(
     .await
 }
 
-/// Scenario (c)'s result.
+/// Scenario (c)'s (and (m)'s) result.
 #[derive(Serialize)]
 struct MemoryResult {
     users_warmed: usize,
     rss_before_kib: u64,
     rss_after_kib: u64,
     bytes_per_connection: f64,
+    /// Mean length of a cached `Authorization` value (`Bearer ` + the finX token).
+    mean_header_bytes: f64,
+    /// `bytes_per_connection − mean_header_bytes`: what a cached connection costs beyond its
+    /// token.
+    overhead_bytes: f64,
     cached_entries: u64,
     seed_seconds: f64,
     warm_seconds: f64,
 }
 
-/// Scenario (c): a fresh gateway and store, `rss_users` users seeded; VmRSS is read after a
-/// small first batch (connections and buffers exist) and after every other user was cached.
+/// Scenario (c) (and (m), with a million users): a fresh gateway and store, `user_count`
+/// users seeded; VmRSS is read after a small first batch (connections and buffers exist) and
+/// after every other user was cached. The access log is at `warn` meanwhile: its lines in
+/// flight are not a cached connection's cost.
 fn cached_connection_memory(
-    plan: &Plan,
+    user_count: usize,
     layout: &CoreLayout,
     runtime: &tokio::runtime::Runtime,
     sim: &finx_gateway::sim::SimHandle,
     sim_config: &SimConfig,
 ) -> BenchResult<MemoryResult> {
     let files = GatewayFiles::new().map_err(|e| e.to_string())?;
-    let config: Config = files.config(&sim.base_url(), sim_config, ServerTuning::default())?;
+    let mut config: Config = files.config(&sim.base_url(), sim_config, ServerTuning::default())?;
+    // Room for every user: nothing is evicted while measuring.
+    config.tokens.cache_capacity = config.tokens.cache_capacity.max(user_count as u64 * 2);
     // A fresh gateway has a fresh caller key, so it needs a caller token of its own.
     let caller_bearer = caller_bearer(&config)?;
     let clock = ManualClock::default();
@@ -745,44 +814,60 @@ fn cached_connection_memory(
         RunningGateway::start(config.clone(), store.clone(), Arc::new(clock.clone()))
     })
     .map_err(|e| e.to_string())?;
-    let users: Vec<String> = (0..plan.rss_users).map(|i| format!("rss-{i:06}")).collect();
+    let users: Vec<String> = (0..user_count).map(|i| format!("rss-{i:07}")).collect();
     let seeding = Instant::now();
-    runtime.block_on(seed_users(&sim.control(), &store, &clock, &users))?;
+    let access_tokens = runtime.block_on(seed_users(&sim.control(), &store, &clock, &users))?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
-    let first_batch = WARM_CONNECTIONS * 4;
+    let first_batch = (WARM_CONNECTIONS * 4).min(user_count / 2);
+    let header_bytes: usize = access_tokens[first_batch..]
+        .iter()
+        .map(|token| "Bearer ".len() + token.len())
+        .sum();
+    drop(access_tokens);
     let workload = |users: &[String]| {
         Arc::new(Workload {
             users: Arc::new(users.to_vec()),
             authorization: Authorization::Caller(caller_bearer.clone()),
         })
     };
+    // Both workloads exist before the first reading: their user lists are the bench's memory.
+    let (first, rest) = (
+        workload(&users[..first_batch]),
+        workload(&users[first_batch..]),
+    );
     let warm = runtime.block_on(generator::each_user_once(
         gateway.addr(),
-        workload(&users[..first_batch]),
+        first,
         WARM_CONNECTIONS,
     ));
     check_all_ok(&warm, "warming the first batch")?;
+    finx_gateway::telemetry::set_level("warn")?;
     let rss_before_kib = resident_kib().ok_or("VmRSS unreadable")?;
     let warming = Instant::now();
     let warm = runtime.block_on(generator::each_user_once(
         gateway.addr(),
-        workload(&users[first_batch..]),
+        rest,
         WARM_CONNECTIONS,
     ));
-    check_all_ok(&warm, "warming 100k users")?;
     let warm_seconds = warming.elapsed().as_secs_f64();
     let rss_after_kib = resident_kib().ok_or("VmRSS unreadable")?;
+    finx_gateway::telemetry::set_level("info")?;
+    check_all_ok(&warm, "warming the users")?;
     let users_warmed = users.len() - first_batch;
     eprintln!(
-        "c: {} users seeded in {seed_seconds:.1} s, warmed in {warm_seconds:.1} s",
+        "memory: {} users seeded in {seed_seconds:.1} s, warmed in {warm_seconds:.1} s",
         users.len()
     );
+    let bytes_per_connection =
+        (rss_after_kib as f64 - rss_before_kib as f64) * 1024.0 / users_warmed as f64;
+    let mean_header_bytes = header_bytes as f64 / users_warmed as f64;
     Ok(MemoryResult {
         users_warmed,
         rss_before_kib,
         rss_after_kib,
-        bytes_per_connection: (rss_after_kib as f64 - rss_before_kib as f64) * 1024.0
-            / users_warmed as f64,
+        bytes_per_connection,
+        mean_header_bytes,
+        overhead_bytes: bytes_per_connection - mean_header_bytes,
         cached_entries: gateway.tokens().cached_entries(),
         seed_seconds,
         warm_seconds,

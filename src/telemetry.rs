@@ -49,6 +49,9 @@ pub fn init_to(
     colours: bool,
 ) -> WorkerGuard {
     // Lossless: under overload requests wait for the writer rather than drop audit lines.
+    // Buffered: the writer thread flushes whenever its queue runs empty, so a quiet gateway's
+    // lines go out at once while a busy one writes many lines per system call.
+    let output = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, output);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("finx-log-writer")
@@ -56,6 +59,9 @@ pub fn init_to(
     install(config.format, &config.level, writer, colours);
     guard
 }
+
+/// The log writer's buffer: lines queued while it writes go out together.
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Colours only for a person: stderr is a terminal and `NO_COLOR` is unset (or empty).
 fn colours_on_stderr() -> bool {

@@ -51,7 +51,11 @@ impl AccessLog {
 
     /// Skips everything logged so far: the next [`Self::overhead`] covers only what follows.
     /// Waits for a marker request's line, so that nothing earlier is still on its way.
-    pub fn skip(&mut self, runtime: &tokio::runtime::Runtime, gateway: SocketAddr) -> Result<(), String> {
+    pub fn skip(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        gateway: SocketAddr,
+    ) -> Result<(), String> {
         self.read_until_marker(runtime, gateway).map(|_| ())
     }
 
@@ -100,7 +104,9 @@ impl AccessLog {
             let mut reader = BufReader::new(&mut file);
             let mut line = String::new();
             // Only whole lines are consumed; a partly written last line is read again later.
-            while reader.read_line(&mut line).map_err(|e| e.to_string())? > 0 && line.ends_with('\n') {
+            while reader.read_line(&mut line).map_err(|e| e.to_string())? > 0
+                && line.ends_with('\n')
+            {
                 self.read_to += line.len() as u64;
                 if line.contains(&marker) {
                     return Ok(lines);
@@ -108,7 +114,9 @@ impl AccessLog {
                 lines.push(std::mem::take(&mut line));
             }
             if Instant::now() >= deadline {
-                return Err(format!("the access line of {marker} did not appear within 30 s"));
+                return Err(format!(
+                    "the access line of {marker} did not appear within 30 s"
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }

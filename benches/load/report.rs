@@ -139,7 +139,9 @@ pub fn markdown_cpu(cells: &[Cell]) -> String {
         let cpu = |target: &str| {
             cells
                 .iter()
-                .find(|c| c.scenario == scenario && c.concurrency == concurrency && c.target == target)
+                .find(|c| {
+                    c.scenario == scenario && c.concurrency == concurrency && c.target == target
+                })
                 .map_or(f64::NAN, |c| c.medians().cpu_us_per_request)
         };
         let [direct, passthrough, gateway, nginx] = TARGETS.map(cpu);

@@ -166,9 +166,10 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub threads: usize,
-    /// One work-stealing runtime for all threads (`true`) or a runtime per thread (`false`, the
-    /// default: cheaper per request for a sidecar's one or two threads; see README
-    /// "Performance").
+    /// One work-stealing runtime for all threads (`true`, the default) or a runtime per thread
+    /// (`false`). Measured within noise of each other for one or two threads (README
+    /// "Performance"); with pingora 0.9 a per-thread server stopped inside a running process
+    /// (tests, the demo) keeps failing to accept and logging so, hence the default.
     pub work_stealing: bool,
     pub grace_period: Duration,
     /// Where listening sockets are handed over in a graceful upgrade.

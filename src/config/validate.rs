@@ -582,7 +582,7 @@ fn server(
     }
     Some(ServerConfig {
         threads,
-        work_stealing: file.work_stealing.unwrap_or(false),
+        work_stealing: file.work_stealing.unwrap_or(true),
         grace_period: file.grace_period.unwrap_or(Duration::from_secs(5)),
         upgrade_sock: file.upgrade_sock.as_ref().map_or_else(
             || PathBuf::from("/tmp/finx-gateway-upgrade.sock"),

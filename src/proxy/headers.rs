@@ -35,7 +35,9 @@ pub fn rewrite_for_upstream(
     }
     request.insert_header(HOST, host.clone())?;
     if let Some(credential) = credential {
-        request.insert_header(AUTHORIZATION, credential.clone())?;
+        // Named by a static string: pingora copies a `HeaderName` it has no spelling for
+        // (`authorization`) into a new buffer on every request; a static name is used as is.
+        request.insert_header("Authorization", credential.clone())?;
     }
     // Forward origin-form only (an absolute-form target would name the caller's view of the
     // host) and put finX's base path in front.

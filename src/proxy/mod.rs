@@ -141,10 +141,11 @@ impl FinxProxy {
             }
             Route::UserData => {
                 caller.authorize_route(&request.method, path)?;
-                let key = self.connection_key(request, &caller)?;
+                let named = self.connection_named(request, &caller)?;
                 ctx.replayable = replayable(request, parts.replay_body_limit);
-                ctx.connection = Some(key.clone());
-                ctx.credential = Some(parts.tokens.bearer(&key).await?);
+                let (key, credential) = self.credential(named).await?;
+                ctx.connection = Some(key);
+                ctx.credential = Some(credential);
                 Ok(false)
             }
             Route::ClientData => {
@@ -234,13 +235,14 @@ impl FinxProxy {
 
     /// The connection named by exactly one of the user and flow headers.
     /// A user must be one the caller's policy allows; a one-time flow is looked up among the
-    /// caller's own flows only.
-    fn connection_key(
+    /// caller's own flows only. A user's key is only checked here, not built (see
+    /// [`Self::credential`]).
+    fn connection_named<'r>(
         &self,
-        request: &RequestHeader,
+        request: &'r RequestHeader,
         caller: &Caller,
-    ) -> Result<ConnectionKey, GatewayError> {
-        let single = |name: &HeaderName| -> Result<Option<&str>, GatewayError> {
+    ) -> Result<Named<'r>, GatewayError> {
+        let single = |name: &HeaderName| -> Result<Option<&'r str>, GatewayError> {
             let mut values = request.headers.get_all(name).iter();
             let Some(first) = values.next() else {
                 return Ok(None);
@@ -263,13 +265,13 @@ impl FinxProxy {
         let (user_header, flow_header) = (&self.parts.user_header, &self.parts.flow_header);
         match (single(user_header)?, single(flow_header)?) {
             (Some(user), None) => {
-                let key = ConnectionKey::user(user).map_err(|_| invalid(user_header))?;
+                let name = ConnectionKey::user_name(user).map_err(|_| invalid(user_header))?;
                 caller.authorize_user(user)?;
-                Ok(key)
+                Ok(Named::User(name))
             }
-            (None, Some(flow)) => {
-                ConnectionKey::flow(caller.service(), flow).map_err(|_| invalid(flow_header))
-            }
+            (None, Some(flow)) => ConnectionKey::flow(caller.service(), flow)
+                .map(Named::Flow)
+                .map_err(|_| invalid(flow_header)),
             (Some(_), Some(_)) => Err(GatewayError::bad_request(format!(
                 "send either {user_header} or {flow_header}, not both"
             ))),
@@ -278,6 +280,33 @@ impl FinxProxy {
             ))),
         }
     }
+
+    /// The named connection's key and credential. A cached user's comes straight from the
+    /// cache, which also hands out its key: a cache hit allocates nothing.
+    async fn credential(
+        &self,
+        named: Named<'_>,
+    ) -> Result<(ConnectionKey, Credential), GatewayError> {
+        let tokens = &self.parts.tokens;
+        let key = match named {
+            Named::User(name) => {
+                if let Some(hit) = tokens.cached_bearer(name).await {
+                    return Ok(hit);
+                }
+                ConnectionKey::user(name).map_err(|_| GatewayError::Internal)?
+            }
+            Named::Flow(key) => key,
+        };
+        let credential = tokens.bearer(&key).await?;
+        Ok((key, credential))
+    }
+}
+
+/// A connection as a request names it: a checked user id (its key's stored form, borrowed
+/// from the request) or a one-time flow's key.
+enum Named<'r> {
+    User(&'r str),
+    Flow(ConnectionKey),
 }
 
 /// Whether a request may be sent to finX a second time after a 401: safe methods always;

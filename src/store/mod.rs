@@ -48,8 +48,14 @@ fn valid_id(id: &str) -> bool {
 impl ConnectionKey {
     /// The connection of an ongoing user.
     pub fn user(user_id: &str) -> Result<Self, InvalidId> {
+        Self::user_name(user_id).map(|name| Self(Arc::from(name)))
+    }
+
+    /// The stored form of user `user_id`'s key, checked but not built: a cache lookup by it
+    /// (keys borrow as `str`) allocates nothing.
+    pub fn user_name(user_id: &str) -> Result<&str, InvalidId> {
         if valid_id(user_id) {
-            Ok(Self(Arc::from(user_id)))
+            Ok(user_id)
         } else {
             Err(InvalidId)
         }
@@ -83,6 +89,13 @@ impl ConnectionKey {
 
     /// The stored form, also used in logs (a key is not a secret).
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Keys hash and compare as their stored form, so maps keyed by them are searched by `&str`.
+impl std::borrow::Borrow<str> for ConnectionKey {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }

@@ -207,6 +207,8 @@ struct Counters {
 /// A cached access token with what the request path needs to decide about it without a lock.
 #[derive(Clone)]
 struct CachedToken {
+    /// The cache's own key (the same shared string), handed to the request on a hit.
+    key: ConnectionKey,
     header: HeaderValue,
     expires_at: UnixSeconds,
     /// From here on the token is served while one background refresh runs.
@@ -393,23 +395,11 @@ impl TokenManager {
 
     /// A fresh credential for `key`: from the cache, else the store, else one shared refresh.
     pub async fn bearer(&self, key: &ConnectionKey) -> Result<Credential, TokenError> {
+        if let Some((_, credential)) = self.cached_bearer(key.as_str()).await {
+            return Ok(credential);
+        }
         let inner = &self.inner;
         let now = inner.clock.now();
-        if let Some(hit) = inner.cache.get(key).await {
-            if hit.expires_at - inner.skew_secs > now {
-                inner.settings.metrics.cache_hits.inc();
-                if now >= hit.refresh_at && !hit.flags.ahead_started.swap(true, Ordering::Relaxed) {
-                    inner.spawn_refresh_ahead(key.clone());
-                }
-                inner.touch_if_due(key, &hit, now);
-                return Ok(Credential {
-                    header: hit.header,
-                    version: hit.version,
-                    source: TokenSource::Cache,
-                });
-            }
-            inner.cache.invalidate(key).await;
-        }
         inner.settings.metrics.cache_misses.inc();
         let loaded = self.load_shared(key).await?;
         if loaded.source == TokenSource::Refresh {
@@ -425,6 +415,33 @@ impl TokenManager {
             version: loaded.version,
             source: loaded.source,
         })
+    }
+
+    /// The cache hit of [`Self::bearer`], looked up by the key's stored form (a user id, or
+    /// `flow:<owner>/<flow_id>`) and returned with the cache's own key: nothing is allocated,
+    /// and the header value is shared, not copied. `None` when the connection is not cached
+    /// or its token is too close to expiry (then [`Self::bearer`] loads or refreshes it).
+    pub async fn cached_bearer(&self, key: &str) -> Option<(ConnectionKey, Credential)> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let hit = inner.cache.get(key).await?;
+        if hit.expires_at - inner.skew_secs <= now {
+            inner.cache.invalidate(key).await;
+            return None;
+        }
+        inner.settings.metrics.cache_hits.inc();
+        if now >= hit.refresh_at && !hit.flags.ahead_started.swap(true, Ordering::Relaxed) {
+            inner.spawn_refresh_ahead(hit.key.clone());
+        }
+        inner.touch_if_due(&hit.key, &hit, now);
+        Some((
+            hit.key,
+            Credential {
+                header: hit.header,
+                version: hit.version,
+                source: TokenSource::Cache,
+            },
+        ))
     }
 
     /// The coalesced load: every concurrent caller shares one run of the refresh procedure.
@@ -821,10 +838,18 @@ fn adopt_journal(journal: &Journal, memory: &Memory) -> Result<(), journal::Jour
 
 /// `Bearer <token>` as a sensitive header value; `None` when finX sent bytes no header can carry.
 pub fn bearer_header(token: &SecretString) -> Option<HeaderValue> {
-    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose_secret())).ok()?;
+    // Exactly as long as the value: the cache keeps this buffer for the token's life, and a
+    // grown `String` would keep its spare capacity too.
+    let token = token.expose_secret().as_bytes();
+    let mut bytes = Vec::with_capacity(BEARER_PREFIX.len() + token.len());
+    bytes.extend_from_slice(BEARER_PREFIX);
+    bytes.extend_from_slice(token);
+    let mut value = HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes)).ok()?;
     value.set_sensitive(true);
     Some(value)
 }
+
+const BEARER_PREFIX: &[u8] = b"Bearer ";
 
 #[cfg(test)]
 mod tests;

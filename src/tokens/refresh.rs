@@ -81,7 +81,7 @@ impl Inner {
         mode: Mode,
     ) -> Result<CachedToken, TokenError> {
         let _held = self.locks.lock(key).await;
-        self.token(self.run(key, mode).await?)
+        self.token(key, self.run(key, mode).await?)
     }
 
     /// The keeper's refresh of one connection; `Ok(false)` when it was no longer due.
@@ -97,7 +97,8 @@ impl Inner {
             active_before,
         };
         match self.run(key, mode).await? {
-            Outcome::Token(token) => {
+            Outcome::Token(mut token) => {
+                token.key = key.clone();
                 self.cache.insert(key.clone(), token).await;
                 Ok(true)
             }
@@ -113,14 +114,19 @@ impl Inner {
         key: &ConnectionKey,
     ) -> Result<(), TokenError> {
         let _held = self.locks.lock(key).await;
-        let token = self.token(self.run(key, Mode::Ahead).await?)?;
+        let token = self.token(key, self.run(key, Mode::Ahead).await?)?;
         self.cache.insert(key.clone(), token).await;
         Ok(())
     }
 
-    fn token(&self, outcome: Outcome) -> Result<CachedToken, TokenError> {
+    /// The token of `outcome`, cached under `key`: the entry holds the cache key's own
+    /// shared string, not a second copy of the id.
+    fn token(&self, key: &ConnectionKey, outcome: Outcome) -> Result<CachedToken, TokenError> {
         match outcome {
-            Outcome::Token(token) => Ok(token),
+            Outcome::Token(mut token) => {
+                token.key = key.clone();
+                Ok(token)
+            }
             Outcome::NotDue => Err(TokenError::Internal),
         }
     }
@@ -172,7 +178,10 @@ impl Inner {
     async fn finish_unfinished(self: &Arc<Self>, key: ConnectionKey) {
         let _held = self.locks.lock(&key).await;
         match self.run(&key, Mode::Recover).await {
-            Ok(Outcome::Token(token)) => self.cache.insert(key, token).await,
+            Ok(Outcome::Token(mut token)) => {
+                token.key = key.clone();
+                self.cache.insert(key, token).await
+            }
             Ok(Outcome::NotDue) => {}
             Err(error) => {
                 tracing::warn!(connection = %key, %error, "an unfinished refresh could not be finished yet")
@@ -573,6 +582,7 @@ impl Inner {
         }
         let issued = connection.refreshed_at.unwrap_or(connection.created_at);
         self.cached(
+            &connection.key,
             &access.token,
             access.expires_at,
             access.expires_at - issued,
@@ -817,6 +827,7 @@ impl Inner {
             self.memory.update(key, |entry| entry.unusable_grants = 0);
         }
         self.cached(
+            key,
             &access.token,
             access.expires_at,
             access.expires_at - now,
@@ -828,8 +839,10 @@ impl Inner {
 
     /// A cache entry for `token`, with its early-refresh point: the last `refresh_ahead` share
     /// of its `lifetime_secs`, at least twice `refresh_skew`.
+    #[allow(clippy::too_many_arguments)] // one entry's fields, each named at the call site
     fn cached(
         &self,
+        key: &ConnectionKey,
         token: &SecretString,
         expires_at: UnixSeconds,
         lifetime_secs: i64,
@@ -840,6 +853,7 @@ impl Inner {
         let share = (lifetime_secs.max(0) as f64 * self.settings.refresh_ahead) as i64;
         let window = share.max(2 * self.skew_secs);
         Ok(CachedToken {
+            key: key.clone(),
             header: super::bearer_header(token).ok_or(TokenError::Internal)?,
             expires_at,
             refresh_at: expires_at - window,
