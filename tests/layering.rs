@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "server_thread",
         "metrics",
         "html",
+        "allocator",
     ],
 ];
 
