@@ -143,9 +143,7 @@ impl FinxProxy {
                 caller.authorize_route(&request.method, path)?;
                 let named = self.connection_named(request, &caller)?;
                 ctx.replayable = replayable(request, parts.replay_body_limit);
-                let (key, credential) = self.credential(named).await?;
-                ctx.connection = Some(key);
-                ctx.credential = Some(credential);
+                self.credential(named, ctx).await?;
                 Ok(false)
             }
             Route::ClientData => {
@@ -281,24 +279,26 @@ impl FinxProxy {
         }
     }
 
-    /// The named connection's key and credential. A cached user's comes straight from the
-    /// cache, which also hands out its key: a cache hit allocates nothing.
-    async fn credential(
-        &self,
-        named: Named<'_>,
-    ) -> Result<(ConnectionKey, Credential), GatewayError> {
+    /// Records the named connection's key and credential in `ctx`; the key first, so the
+    /// access line names the connection even when its credential cannot be had. A cached
+    /// user's comes straight from the cache, which also hands out its key: a cache hit
+    /// allocates nothing.
+    async fn credential(&self, named: Named<'_>, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
         let tokens = &self.parts.tokens;
         let key = match named {
             Named::User(name) => {
-                if let Some(hit) = tokens.cached_bearer(name).await {
-                    return Ok(hit);
+                if let Some((key, credential)) = tokens.cached_bearer(name).await {
+                    ctx.connection = Some(key);
+                    ctx.credential = Some(credential);
+                    return Ok(());
                 }
                 ConnectionKey::user(name).map_err(|_| GatewayError::Internal)?
             }
             Named::Flow(key) => key,
         };
-        let credential = tokens.bearer(&key).await?;
-        Ok((key, credential))
+        let key = ctx.connection.insert(key);
+        ctx.credential = Some(tokens.bearer(key).await?);
+        Ok(())
     }
 }
 
