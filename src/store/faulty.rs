@@ -8,11 +8,12 @@
 //! store a gateway runs on.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::{
     Connection, ConnectionKey, ConnectionStatus, ConnectionSummary, CopyOutcome, KeyStatus,
@@ -28,6 +29,9 @@ struct Knobs {
     error_rate: AtomicU64,
     latency_micros: AtomicU64,
     injected: AtomicU64,
+    /// A seeded generator makes the sequence of faults reproducible for a sequential caller;
+    /// without one, each draw comes from the thread's generator.
+    seeded: Mutex<Option<StdRng>>,
 }
 
 /// When an injected write failure strikes.
@@ -46,9 +50,18 @@ impl Knobs {
         }
     }
 
+    /// A uniform draw in [0, 1).
+    fn draw(&self) -> f64 {
+        let mut seeded = self.seeded.lock().unwrap_or_else(PoisonError::into_inner);
+        match seeded.as_mut() {
+            Some(rng) => rng.random(),
+            None => rand::rng().random(),
+        }
+    }
+
     fn fires(&self) -> bool {
         let rate = f64::from_bits(self.error_rate.load(Ordering::Relaxed));
-        let fires = rate > 0.0 && rand::rng().random::<f64>() < rate;
+        let fires = rate > 0.0 && self.draw() < rate;
         if fires {
             self.injected.fetch_add(1, Ordering::Relaxed);
         }
@@ -69,7 +82,7 @@ impl Knobs {
         self.delay().await;
         if !self.fires() {
             Strike::None
-        } else if rand::rng().random_bool(0.5) {
+        } else if self.draw() < 0.5 {
             Strike::Before
         } else {
             Strike::After
@@ -117,6 +130,17 @@ impl FaultyStore {
         self.knobs
             .error_rate
             .store(rate.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Draws faults from a generator seeded with `seed` from now on, so that a caller making the
+    /// same operations in the same order meets the same faults on every run.
+    pub fn set_seed(&self, seed: u64) {
+        let mut seeded = self
+            .knobs
+            .seeded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *seeded = Some(StdRng::seed_from_u64(seed));
     }
 
     /// Delays every operation by this much from now on.
