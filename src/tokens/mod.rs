@@ -205,7 +205,8 @@ struct Counters {
 }
 
 /// A cached access token with what the request path needs to decide about it without a lock.
-#[derive(Clone)]
+/// The cache holds it behind one `Arc`, its flags inline: a hit clones one pointer, and an
+/// entry costs one allocation beside the token's own bytes.
 struct CachedToken {
     /// The cache's own key (the same shared string), handed to the request on a hit.
     key: ConnectionKey,
@@ -215,11 +216,6 @@ struct CachedToken {
     refresh_at: UnixSeconds,
     version: i64,
     source: TokenSource,
-    flags: Arc<EntryFlags>,
-}
-
-/// Shared by every clone of one cached token.
-struct EntryFlags {
     /// A background refresh ahead of expiry was started for this token.
     ahead_started: AtomicBool,
     /// When the connection's last data call was last recorded in the store.
@@ -239,11 +235,11 @@ impl RefreshWindowExpiry {
     }
 }
 
-impl Expiry<ConnectionKey, CachedToken> for RefreshWindowExpiry {
+impl Expiry<ConnectionKey, Arc<CachedToken>> for RefreshWindowExpiry {
     fn expire_after_create(
         &self,
         _key: &ConnectionKey,
-        value: &CachedToken,
+        value: &Arc<CachedToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         self.until_skew(value)
@@ -253,7 +249,7 @@ impl Expiry<ConnectionKey, CachedToken> for RefreshWindowExpiry {
     fn expire_after_update(
         &self,
         _key: &ConnectionKey,
-        value: &CachedToken,
+        value: &Arc<CachedToken>,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
@@ -268,7 +264,7 @@ pub struct TokenManager {
 }
 
 struct Inner {
-    cache: Cache<ConnectionKey, CachedToken>,
+    cache: Cache<ConnectionKey, Arc<CachedToken>>,
     store: Arc<dyn TokenStore>,
     endpoint: Arc<dyn TokenEndpoint>,
     clock: Arc<dyn Clock>,
@@ -411,7 +407,7 @@ impl TokenManager {
         }
         inner.touch_if_due(key, &loaded, now);
         Ok(Credential {
-            header: loaded.header,
+            header: loaded.header.clone(),
             version: loaded.version,
             source: loaded.source,
         })
@@ -430,14 +426,14 @@ impl TokenManager {
             return None;
         }
         inner.settings.metrics.cache_hits.inc();
-        if now >= hit.refresh_at && !hit.flags.ahead_started.swap(true, Ordering::Relaxed) {
+        if now >= hit.refresh_at && !hit.ahead_started.swap(true, Ordering::Relaxed) {
             inner.spawn_refresh_ahead(hit.key.clone());
         }
         inner.touch_if_due(&hit.key, &hit, now);
         Some((
-            hit.key,
+            hit.key.clone(),
             Credential {
-                header: hit.header,
+                header: hit.header.clone(),
                 version: hit.version,
                 source: TokenSource::Cache,
             },
@@ -445,7 +441,7 @@ impl TokenManager {
     }
 
     /// The coalesced load: every concurrent caller shares one run of the refresh procedure.
-    async fn load_shared(&self, key: &ConnectionKey) -> Result<CachedToken, TokenError> {
+    async fn load_shared(&self, key: &ConnectionKey) -> Result<Arc<CachedToken>, TokenError> {
         let inner = self.inner.clone();
         let task_key = key.clone();
         self.inner
@@ -751,7 +747,7 @@ impl Inner {
         let _ = self
             .cache
             .try_get_with(key.clone(), async {
-                Err::<CachedToken, TokenError>(TokenError::NotFound)
+                Err::<Arc<CachedToken>, TokenError>(TokenError::NotFound)
             })
             .await;
         self.cache.invalidate(key).await;
@@ -761,10 +757,9 @@ impl Inner {
     /// `touch_interval`; off the request path.
     fn touch_if_due(self: &Arc<Self>, key: &ConnectionKey, token: &CachedToken, now: UnixSeconds) {
         let interval = self.settings.touch_interval.as_secs() as i64;
-        let last = token.flags.touched_at.load(Ordering::Relaxed);
+        let last = token.touched_at.load(Ordering::Relaxed);
         if now - last < interval
             || token
-                .flags
                 .touched_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()

@@ -23,7 +23,7 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::memory::Uncommitted;
-use super::{CachedToken, EntryFlags, Inner, TokenError, TokenFailure, TokenSource};
+use super::{CachedToken, Inner, TokenError, TokenFailure, TokenSource};
 use crate::clock::UnixSeconds;
 use crate::events::EventKind;
 use crate::metrics::RefreshOutcome;
@@ -79,7 +79,7 @@ impl Inner {
         self: &Arc<Self>,
         key: &ConnectionKey,
         mode: Mode,
-    ) -> Result<CachedToken, TokenError> {
+    ) -> Result<Arc<CachedToken>, TokenError> {
         let _held = self.locks.lock(key).await;
         self.token(key, self.run(key, mode).await?)
     }
@@ -97,9 +97,8 @@ impl Inner {
             active_before,
         };
         match self.run(key, mode).await? {
-            Outcome::Token(mut token) => {
-                token.key = key.clone();
-                self.cache.insert(key.clone(), token).await;
+            Outcome::Token(token) => {
+                self.cache.insert(key.clone(), entry(key, token)).await;
                 Ok(true)
             }
             Outcome::NotDue => Ok(false),
@@ -119,14 +118,10 @@ impl Inner {
         Ok(())
     }
 
-    /// The token of `outcome`, cached under `key`: the entry holds the cache key's own
-    /// shared string, not a second copy of the id.
-    fn token(&self, key: &ConnectionKey, outcome: Outcome) -> Result<CachedToken, TokenError> {
+    /// The cache entry of `outcome`, to be cached under `key` (see [`entry`]).
+    fn token(&self, key: &ConnectionKey, outcome: Outcome) -> Result<Arc<CachedToken>, TokenError> {
         match outcome {
-            Outcome::Token(mut token) => {
-                token.key = key.clone();
-                Ok(token)
-            }
+            Outcome::Token(token) => Ok(entry(key, token)),
             Outcome::NotDue => Err(TokenError::Internal),
         }
     }
@@ -178,10 +173,7 @@ impl Inner {
     async fn finish_unfinished(self: &Arc<Self>, key: ConnectionKey) {
         let _held = self.locks.lock(&key).await;
         match self.run(&key, Mode::Recover).await {
-            Ok(Outcome::Token(mut token)) => {
-                token.key = key.clone();
-                self.cache.insert(key, token).await
-            }
+            Ok(Outcome::Token(token)) => self.cache.insert(key.clone(), entry(&key, token)).await,
             Ok(Outcome::NotDue) => {}
             Err(error) => {
                 tracing::warn!(connection = %key, %error, "an unfinished refresh could not be finished yet")
@@ -859,12 +851,17 @@ impl Inner {
             refresh_at: expires_at - window,
             version,
             source,
-            flags: Arc::new(EntryFlags {
-                ahead_started: Default::default(),
-                touched_at: touched_at.unwrap_or(0).into(),
-            }),
+            ahead_started: Default::default(),
+            touched_at: touched_at.unwrap_or(0).into(),
         })
     }
+}
+
+/// `token` as the cache entry for `key`: it holds the cache key's own shared string, not a
+/// second copy of the id.
+fn entry(key: &ConnectionKey, mut token: CachedToken) -> Arc<CachedToken> {
+    token.key = key.clone();
+    Arc::new(token)
 }
 
 fn store_failure(key: &ConnectionKey, operation: &'static str, error: StoreError) -> TokenError {
