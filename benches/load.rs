@@ -45,6 +45,8 @@ mod expiry;
 mod gateway_config;
 #[path = "load/generator.rs"]
 mod generator;
+#[path = "load/heap.rs"]
+mod heap;
 #[path = "load/nginx.rs"]
 mod nginx;
 #[path = "load/passthrough.rs"]
@@ -77,9 +79,9 @@ use generator::{Authorization, Generator, KeptConnection, Samples, Workload};
 use report::Cell;
 
 /// The product's allocator: the gateway and the passthrough in this process use what the
-/// `finx-gateway` binary uses.
+/// `finx-gateway` binary uses (counted only while (c) or (m) measures: `load/heap.rs`).
 #[global_allocator]
-static ALLOCATOR: finx_gateway::allocator::Global = finx_gateway::allocator::GLOBAL;
+static ALLOCATOR: heap::Counted = heap::Counted;
 
 /// How much to measure: the full run or the `--quick` smoke run.
 struct Plan {
@@ -144,6 +146,8 @@ impl Plan {
 
 /// Added latency of the simulator's token endpoint during the storms of (d) and (e).
 const STORM_TOKEN_LATENCY_MS: u64 = 50;
+/// (a): users seeded to pick the one whose token has the median length.
+const ONE_USER_CANDIDATES: usize = 65;
 /// Connections (and parallel seeding calls) used to warm caches and seed users.
 const WARM_CONNECTIONS: usize = 64;
 
@@ -357,13 +361,28 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
     .into_iter()
     .filter(|(scenario, _, _)| selection.has(scenario.chars().next().unwrap_or(' ')))
     {
-        let users: Arc<Vec<String>> = Arc::new(
-            (0..user_count)
-                .map(|i| format!("{prefix}-{i:06}"))
-                .collect(),
-        );
+        // (a)'s one user is the median-length token of a few candidates: the simulator draws
+        // token lengths at random, and a short or long single token would make (a) and (b)
+        // differ by the bytes every request carries rather than by the number of users.
+        let candidates = if user_count == 1 {
+            ONE_USER_CANDIDATES
+        } else {
+            user_count
+        };
         let seeding = Instant::now();
-        let access_tokens = runtime.block_on(seed_users(&control, &store, &clock, &users))?;
+        let mut seeded: Vec<(String, String)> = {
+            let names: Vec<String> = (0..candidates)
+                .map(|i| format!("{prefix}-{i:06}"))
+                .collect();
+            let tokens = runtime.block_on(seed_users(&control, &store, &clock, &names))?;
+            names.into_iter().zip(tokens).collect()
+        };
+        if user_count == 1 {
+            seeded.sort_by_key(|(_, token)| token.len());
+            seeded = vec![seeded.swap_remove(seeded.len() / 2)];
+        }
+        let (users, access_tokens): (Vec<String>, Vec<String>) = seeded.into_iter().unzip();
+        let users = Arc::new(users);
         let bearers: Arc<Vec<String>> = Arc::new(
             access_tokens
                 .iter()
@@ -387,6 +406,11 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
         eprintln!(
             "{scenario}: {user_count} user(s) seeded and cached in {:.1} s",
             seeding.elapsed().as_secs_f64()
+        );
+        let token_bytes: usize = access_tokens.iter().map(String::len).sum();
+        println!(
+            "- {scenario}: mean finX token length {:.0} characters",
+            token_bytes as f64 / access_tokens.len().max(1) as f64
         );
         let nginx = match &nginx_binary {
             Some(binary) => {
@@ -650,6 +674,12 @@ fn print_memory(title: &str, memory: &MemoryResult) {
         memory.overhead_bytes,
         memory.cached_entries
     );
+    println!(
+        "Heap left allocated by the warming (sizes asked of the allocator, net of frees; no \
+         rounding or fragmentation): **{:.0} bytes per cached connection, {:.0} beyond the \
+         `Authorization` value**\n",
+        memory.heap_bytes_per_connection, memory.heap_overhead_bytes
+    );
 }
 
 fn print_storm(storm: &StormResult) {
@@ -785,6 +815,10 @@ struct MemoryResult {
     /// `bytes_per_connection − mean_header_bytes`: what a cached connection costs beyond its
     /// token.
     overhead_bytes: f64,
+    /// The heap the warming left allocated (`load/heap.rs`), per cached connection.
+    heap_bytes_per_connection: f64,
+    /// `heap_bytes_per_connection − mean_header_bytes`: the cache's own data structures.
+    heap_overhead_bytes: f64,
     cached_entries: u64,
     seed_seconds: f64,
     warm_seconds: f64,
@@ -843,6 +877,7 @@ fn cached_connection_memory(
     check_all_ok(&warm, "warming the first batch")?;
     finx_gateway::telemetry::set_level("warn")?;
     let rss_before_kib = resident_kib().ok_or("VmRSS unreadable")?;
+    let window = heap::Window::open();
     let warming = Instant::now();
     let warm = runtime.block_on(generator::each_user_once(
         gateway.addr(),
@@ -850,6 +885,7 @@ fn cached_connection_memory(
         WARM_CONNECTIONS,
     ));
     let warm_seconds = warming.elapsed().as_secs_f64();
+    let heap_bytes = window.close();
     let rss_after_kib = resident_kib().ok_or("VmRSS unreadable")?;
     finx_gateway::telemetry::set_level("info")?;
     check_all_ok(&warm, "warming the users")?;
@@ -868,6 +904,8 @@ fn cached_connection_memory(
         bytes_per_connection,
         mean_header_bytes,
         overhead_bytes: bytes_per_connection - mean_header_bytes,
+        heap_bytes_per_connection: heap_bytes as f64 / users_warmed as f64,
+        heap_overhead_bytes: heap_bytes as f64 / users_warmed as f64 - mean_header_bytes,
         cached_entries: gateway.tokens().cached_entries(),
         seed_seconds,
         warm_seconds,

@@ -35,7 +35,6 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use moka::future::Cache;
-use moka::Expiry;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -222,41 +221,6 @@ struct CachedToken {
     touched_at: AtomicI64,
 }
 
-/// Evicts a cached token when it enters `refresh_skew`.
-struct RefreshWindowExpiry {
-    clock: Arc<dyn Clock>,
-    skew_secs: i64,
-}
-
-impl RefreshWindowExpiry {
-    fn until_skew(&self, value: &CachedToken) -> Option<Duration> {
-        let remaining = value.expires_at - self.skew_secs - self.clock.now();
-        Some(Duration::from_secs(remaining.max(0) as u64))
-    }
-}
-
-impl Expiry<ConnectionKey, Arc<CachedToken>> for RefreshWindowExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &ConnectionKey,
-        value: &Arc<CachedToken>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        self.until_skew(value)
-    }
-
-    /// A token replaced by a refresh ahead of expiry lives by its own expiry, not the old one's.
-    fn expire_after_update(
-        &self,
-        _key: &ConnectionKey,
-        value: &Arc<CachedToken>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.until_skew(value)
-    }
-}
-
 /// Hands out fresh bearer credentials; see the module docs.
 #[derive(Clone)]
 pub struct TokenManager {
@@ -340,12 +304,12 @@ impl TokenManager {
         refresh_gate: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> Result<Self, ManagerError> {
         let skew_secs = settings.refresh_skew.as_secs() as i64;
+        // No moka expiry: the hit path compares the token's own expiry with the gateway's
+        // clock and replaces a token inside `refresh_skew`. A per-entry expiry would cost a
+        // timer-wheel node per cached connection and bookkeeping on every read, to free
+        // tokens that `max_capacity` bounds anyway.
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
-            .expire_after(RefreshWindowExpiry {
-                clock: clock.clone(),
-                skew_secs,
-            })
             .build();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
