@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use finx_gateway::telemetry::{LogFormat, TelemetrySettings, WorkerGuard};
+use finx_gateway::telemetry::{LogFormat, LogGuard, TelemetrySettings};
 use serde::Serialize;
 
 use crate::generator::{percentile, KeptConnection};
@@ -21,7 +21,7 @@ pub struct AccessLog {
     path: PathBuf,
     read_to: u64,
     markers: u64,
-    _writer: WorkerGuard,
+    _writer: LogGuard,
 }
 
 /// The gateway's time outside upstream I/O over one run's user-data requests.

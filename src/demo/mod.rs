@@ -53,7 +53,7 @@ pub struct Demo {
     pub caller_token: String,
     /// The admin API's credential (generated for this demo).
     pub admin_credential: String,
-    _log_writer: crate::telemetry::WorkerGuard,
+    _log_writer: crate::telemetry::LogGuard,
     _dir: tempfile::TempDir,
 }
 

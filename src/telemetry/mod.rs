@@ -7,15 +7,18 @@
 //! callback's `code`). pingora is the one dependency that reads caller bytes; its INFO and
 //! above describe the server, not requests. No filter setting may turn any of it on.
 
+mod json;
+mod writer;
+
 use std::sync::OnceLock;
 
 use tracing::{Level, Metadata};
-pub use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+pub use writer::LogGuard;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,32 +39,32 @@ pub struct TelemetrySettings {
 /// waits on log I/O. Keep the returned guard alive: dropping it flushes and stops the writer.
 /// Safe to call more than once (later calls are ignored).
 #[must_use = "dropping the guard stops the log writer"]
-pub fn init(config: &TelemetrySettings) -> WorkerGuard {
+pub fn init(config: &TelemetrySettings) -> LogGuard {
     init_to(config, std::io::stderr(), colours_on_stderr())
 }
 
 /// As [`init`], writing to `output` instead of stderr (the load bench sends the gateway's
-/// access log to a file it reads back). The writer thread is `finx-log-writer`.
+/// access log to a file it reads back). The writer thread is `finx-log-writer`; lines are
+/// written in batches, at most [`writer::BATCH_INTERVAL`] after they were logged, and never
+/// dropped (under overload requests wait for the writer rather than lose audit lines).
 #[must_use = "dropping the guard stops the log writer"]
 pub fn init_to(
     config: &TelemetrySettings,
     output: impl std::io::Write + Send + 'static,
     colours: bool,
-) -> WorkerGuard {
-    // Lossless: under overload requests wait for the writer rather than drop audit lines.
-    // Buffered: the writer thread flushes whenever its queue runs empty, so a quiet gateway's
-    // lines go out at once while a busy one writes many lines per system call.
-    let output = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, output);
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("finx-log-writer")
-        .finish(output);
-    install(config.format, &config.level, writer, colours);
-    guard
+) -> LogGuard {
+    match writer::spawn(output) {
+        Ok((writer, guard)) => {
+            install(config.format, &config.level, writer, colours);
+            guard
+        }
+        // Without a thread of its own, logging still works: written on the logging thread.
+        Err(_) => {
+            install(config.format, &config.level, std::io::stderr, colours);
+            LogGuard::direct()
+        }
+    }
 }
-
-/// The log writer's buffer: lines queued while it writes go out together.
-const LOG_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Colours only for a person: stderr is a terminal and `NO_COLOR` is unset (or empty).
 fn colours_on_stderr() -> bool {
@@ -149,7 +152,7 @@ where
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
+            .event_format(json::JsonLines)
             .with_ansi(false)
             .with_writer(writer)
             .with_filter(filter)
