@@ -6,12 +6,15 @@
 //! `io::Write` adaptor over a `fmt::Write` string, so every key, quote and comma is a separate
 //! write that is checked as UTF-8 again; on the gateway's access line that was most of the
 //! cost of logging. Records bridged from `log` (pingora's) are shown under their own target
-//! and level, without the bridge's `log.*` fields, as there.
+//! and level, with the bridge's `log.*` fields, as there. One difference: the `span` and
+//! `spans` keys are not written (the gateway opens no spans; a dependency's DEBUG line inside
+//! one of its own spans loses that context).
 //!
 //! A leaf of `telemetry`: it depends on nothing else in the crate.
 
 use std::cell::RefCell;
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -79,11 +82,17 @@ fn serialize(event: &Event<'_>, output: &mut Vec<u8>) -> serde_json::Result<()> 
 /// Now, as RFC 3339 in UTC with microseconds (as `tracing-subscriber` prints it).
 struct Timestamp;
 
+/// The last second RFC 3339 can show (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_rfc3339_micros(
-            std::time::SystemTime::now(),
-        ))
+        // A clock set outside what RFC 3339 can show is clamped, never a panic or a lost line.
+        let now = SystemTime::now().clamp(
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::from_secs(LAST_RFC3339_SECOND),
+        );
+        serializer.collect_str(&humantime::format_rfc3339_micros(now))
     }
 }
 
@@ -112,12 +121,10 @@ struct FieldVisitor<M: SerializeMap> {
 
 impl<M: SerializeMap> FieldVisitor<M> {
     fn entry<V: Serialize + ?Sized>(&mut self, field: &Field, value: &V) {
-        let name = field.name();
-        // The `log` bridge's own bookkeeping (`log.target`, `log.file`, …) is not a field.
-        if self.error.is_some() || name.starts_with("log.") {
+        if self.error.is_some() {
             return;
         }
-        if let Err(error) = self.map.serialize_entry(name, value) {
+        if let Err(error) = self.map.serialize_entry(field.name(), value) {
             self.error = Some(error);
         }
     }
@@ -229,17 +236,23 @@ mod tests {
     }
 
     #[test]
-    fn records_from_the_log_crate_keep_their_target_and_drop_the_bridge_fields() {
+    fn records_from_the_log_crate_keep_their_target_level_and_source() {
         let lines = lines(|| {
             let record = log::Record::builder()
                 .target("pingora_core::server")
                 .level(log::Level::Warn)
+                .file(Some("src/server/mod.rs"))
+                .line(Some(42))
                 .args(format_args!("listener closed"))
                 .build();
             tracing_log::format_trace(&record).expect("bridged");
         });
         assert_eq!(lines[0]["target"], "pingora_core::server");
         assert_eq!(lines[0]["level"], "WARN");
-        assert_eq!(lines[0]["fields"], json!({"message": "listener closed"}));
+        let fields = &lines[0]["fields"];
+        assert_eq!(fields["message"], "listener closed");
+        assert_eq!(fields["log.target"], "pingora_core::server");
+        assert_eq!(fields["log.file"], "src/server/mod.rs");
+        assert_eq!(fields["log.line"], 42);
     }
 }

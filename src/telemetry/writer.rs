@@ -7,9 +7,10 @@
 //! request. Here nobody waits on the queue: the writer wakes on its own timer and drains it,
 //! and a request thread only wakes it early when a burst has filled half the queue.
 //!
-//! Lossless: when the queue is full the logging thread waits for room rather than drop an
-//! audit line. A line reaches the output at most one interval after it was logged; dropping
-//! the [`LogGuard`] writes out everything queued before it returns.
+//! Lossless while the process lives: when the queue is full the logging thread waits for room
+//! rather than drop an audit line. A line reaches the output at most one interval after it was
+//! logged (a crash can lose that last interval); a WARN or ERROR line wakes the writer at once,
+//! and dropping the [`LogGuard`] writes out everything queued before it returns.
 //!
 //! A leaf of `telemetry`: it depends on nothing else in the crate.
 
@@ -26,8 +27,6 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 /// Lines the queue holds before a logging thread has to wait.
 const QUEUE_LINES: usize = 64 * 1024;
-/// Queued lines at which a logging thread wakes the writer early.
-const WAKE_AT_LINES: usize = QUEUE_LINES / 2;
 /// The output buffer: one batch is usually one write.
 const OUTPUT_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -35,6 +34,10 @@ const OUTPUT_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct LogWriter {
     shared: Arc<Shared>,
+    /// Queued lines at which a logging thread wakes the writer early (half the queue).
+    wake_at_lines: usize,
+    /// This line wakes the writer at once (WARN and ERROR).
+    urgent: bool,
 }
 
 struct Shared {
@@ -61,7 +64,15 @@ impl LogGuard {
 
 /// Starts the writer thread for `output`.
 pub fn spawn(output: impl Write + Send + 'static) -> std::io::Result<(LogWriter, LogGuard)> {
-    let (sender, receiver) = mpsc::sync_channel(QUEUE_LINES);
+    spawn_with_queue(output, QUEUE_LINES)
+}
+
+/// [`spawn`] with a queue of `queue_lines` (tests use a short one).
+fn spawn_with_queue(
+    output: impl Write + Send + 'static,
+    queue_lines: usize,
+) -> std::io::Result<(LogWriter, LogGuard)> {
+    let (sender, receiver) = mpsc::sync_channel(queue_lines);
     let (shared_sender, shared_receiver) = mpsc::sync_channel::<Arc<Shared>>(1);
     let thread = std::thread::Builder::new()
         .name("finx-log-writer".into())
@@ -82,6 +93,8 @@ pub fn spawn(output: impl Write + Send + 'static) -> std::io::Result<(LogWriter,
     Ok((
         LogWriter {
             shared: shared.clone(),
+            wake_at_lines: (queue_lines / 2).max(1),
+            urgent: false,
         },
         LogGuard {
             running: Some((shared, thread)),
@@ -129,7 +142,7 @@ impl Write for LogWriter {
         };
         if !sent {
             shared.queued.fetch_sub(1, Ordering::Relaxed);
-        } else if queued == WAKE_AT_LINES {
+        } else if self.urgent || queued == self.wake_at_lines {
             shared.writer.unpark();
         }
         Ok(line.len())
@@ -145,6 +158,13 @@ impl<'a> MakeWriter<'a> for LogWriter {
 
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LogWriter {
+            urgent: *meta.level() <= tracing::Level::WARN,
+            ..self.clone()
+        }
     }
 }
 
@@ -200,34 +220,84 @@ mod tests {
         assert!(writes < 1_000, "{writes} writes");
     }
 
+    /// An output whose writes wait until the test opens it, saying when one started.
+    struct Gated {
+        recorded: Recorded,
+        entered: mpsc::Sender<()>,
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
+            let (open, opened) = &*self.open;
+            let mut is_open = open.lock().unwrap_or_else(|e| e.into_inner());
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap_or_else(|e| e.into_inner());
+            }
+            self.recorded.write(bytes)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_full_queue_makes_the_logger_wait_rather_than_lose_lines() {
-        let output = Recorded::default();
-        let (writer, guard) = spawn(output.clone()).expect("writer thread");
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let writer = writer.clone();
-                std::thread::spawn(move || {
-                    for i in 0..QUEUE_LINES {
-                        let line = format!("{t}:{i}\n");
-                        writer
-                            .make_writer()
-                            .write_all(line.as_bytes())
-                            .expect("queued");
-                    }
-                })
-            })
-            .collect();
-        for thread in threads {
-            thread.join().expect("logging thread");
+        let recorded = Recorded::default();
+        let (entered, writing) = mpsc::channel();
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let output = Gated {
+            recorded: recorded.clone(),
+            entered,
+            open: open.clone(),
+        };
+        let (writer, guard) = spawn_with_queue(output, 4).expect("writer thread");
+        writer.make_writer().write_all(b"0\n").expect("queued");
+        // The writer holds line 0 and is stuck writing it: the queue fills up behind it.
+        writing
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer starts writing");
+        for line in 1..=4 {
+            writer
+                .make_writer()
+                .write_all(format!("{line}\n").as_bytes())
+                .expect("queued");
         }
+        let (done, finished) = mpsc::channel();
+        let late = writer.clone();
+        let blocked = std::thread::spawn(move || {
+            late.make_writer().write_all(b"5\n").expect("queued");
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a line was accepted while the queue was full"
+        );
+        *open.0.lock().expect("not poisoned") = true;
+        open.1.notify_all();
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting line goes in once there is room");
+        blocked.join().expect("logging thread");
         drop(guard);
-        let written = output.0.lock().expect("not poisoned").0.clone();
-        let lines = written
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .count();
-        assert_eq!(lines, 4 * QUEUE_LINES);
+        let written = recorded.0.lock().expect("not poisoned").0.clone();
+        assert_eq!(written, b"0\n1\n2\n3\n4\n5\n");
+    }
+
+    #[test]
+    fn a_line_is_written_within_a_few_intervals_without_a_wake_up() {
+        let output = Recorded::default();
+        let (writer, _guard) = spawn(output.clone()).expect("writer thread");
+        writer.make_writer().write_all(b"quiet\n").expect("queued");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while output.0.lock().expect("not poisoned").0 != b"quiet\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the line was not written on the writer's own timer"
+            );
+            std::thread::yield_now();
+        }
     }
 
     #[test]
