@@ -674,11 +674,25 @@ fn print_memory(title: &str, memory: &MemoryResult) {
         memory.overhead_bytes,
         memory.cached_entries
     );
+    if memory.bytes_per_connection < memory.heap_bytes_per_connection {
+        println!(
+            "VmRSS grew by less than the heap the warming kept: pages freed earlier (seeding the \
+             simulator and the store in this process) were reused, so the RSS figure above says \
+             nothing per connection in this run; the heap figure below is the measure.\n"
+        );
+    }
     println!(
         "Heap left allocated by the warming (sizes asked of the allocator, net of frees; no \
          rounding or fragmentation): **{:.0} bytes per cached connection, {:.0} beyond the \
-         `Authorization` value**\n",
-        memory.heap_bytes_per_connection, memory.heap_overhead_bytes
+         `Authorization` value**, {:.0} MiB for all of them\n",
+        memory.heap_bytes_per_connection,
+        memory.heap_overhead_bytes,
+        memory.heap_bytes_per_connection * memory.users_warmed as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "Process total after the warming: {:.1} GiB VmRSS (the gateway with its cache, and in the \
+         same process the simulator holding every user's grant and the store's connection)\n",
+        memory.rss_after_kib as f64 / (1024.0 * 1024.0)
     );
 }
 
