@@ -24,7 +24,9 @@ const MAX_TOKEN_LEN: usize = 8 * 1024;
 const VERIFIED_TTL: Duration = Duration::from_secs(60);
 
 /// Verified tokens by their text. `Debug` shows the count only: the keys are tokens.
-pub(super) struct VerifiedCache(moka::sync::Cache<Box<str>, VerifiedCaller>);
+pub(super) struct VerifiedCache(
+    moka::sync::Cache<Box<str>, VerifiedCaller, foldhash::quality::RandomState>,
+);
 
 impl VerifiedCache {
     pub(super) fn new() -> Self {
@@ -32,7 +34,7 @@ impl VerifiedCache {
             moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(VERIFIED_TTL)
-                .build(),
+                .build_with_hasher(foldhash::quality::RandomState::default()),
         )
     }
 }
@@ -83,7 +85,7 @@ impl CallerAuth {
             });
         }
         let (token, used_proxy_authorization) = self.credential(headers)?;
-        if token.len() > MAX_TOKEN_LEN || !looks_like_jws(token) {
+        if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::unauthenticated("invalid token"));
         }
         let jwks_generation = self.jwks.as_ref().map_or(0, JwksSource::current_generation);
@@ -98,6 +100,10 @@ impl CallerAuth {
                     used_proxy_authorization,
                 });
             }
+        }
+        // Checked only for tokens not seen before: a remembered one was verified whole.
+        if !looks_like_jws(token) {
+            return Err(AuthError::unauthenticated("invalid token"));
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::unauthenticated("invalid token"))?;

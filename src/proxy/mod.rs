@@ -345,10 +345,13 @@ fn ensure_request_id(session: &mut Session) -> Result<()> {
         _ => false,
     };
     if !usable {
-        let id = format!("{:032x}", rand::random::<u128>());
+        // 32 lowercase hex digits of a random 128-bit number, without the formatting machinery.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bits = rand::random::<u128>();
+        let id: [u8; 32] = std::array::from_fn(|at| HEX[((bits >> (124 - 4 * at)) & 0xf) as usize]);
         session
             .req_header_mut()
-            .insert_header(respond::REQUEST_ID, id)?;
+            .insert_header(respond::REQUEST_ID, &id[..])?;
     }
     Ok(())
 }

@@ -98,7 +98,11 @@ pub fn classify(raw_path: &str, callback_path: &str) -> Result<Route, GatewayErr
 /// The lenient reading: does any plausible decoding of this path reach `/auth`?
 fn names_auth(raw_path: &str) -> bool {
     // Nothing to decode or resolve (the usual request): the first segment is plain text.
-    if !raw_path.contains(['%', '\\', ';', '.', '\0']) && !raw_path.contains("//") {
+    // Bytes, not a char-set search: this runs on every request.
+    let needs_decoding = raw_path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'\\' | b';' | b'.' | 0));
+    if !needs_decoding && !raw_path.contains("//") {
         let first = raw_path
             .trim_start_matches('/')
             .split('/')

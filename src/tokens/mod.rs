@@ -228,7 +228,7 @@ pub struct TokenManager {
 }
 
 struct Inner {
-    cache: Cache<ConnectionKey, Arc<CachedToken>>,
+    cache: Cache<ConnectionKey, Arc<CachedToken>, foldhash::quality::RandomState>,
     store: Arc<dyn TokenStore>,
     endpoint: Arc<dyn TokenEndpoint>,
     clock: Arc<dyn Clock>,
@@ -310,7 +310,7 @@ impl TokenManager {
         // tokens that `max_capacity` bounds anyway.
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("finx-refresh")
