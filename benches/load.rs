@@ -87,6 +87,8 @@ static ALLOCATOR: heap::Counted = heap::Counted;
 struct Plan {
     rounds: usize,
     seconds_per_run: u64,
+    /// A discarded run per target and scenario that fills the upstream pools (0: none).
+    warm_up_seconds: u64,
     concurrencies: [usize; 3],
     many_users: usize,
     rss_users: usize,
@@ -111,6 +113,7 @@ impl Plan {
         Self {
             rounds: 3,
             seconds_per_run: 3,
+            warm_up_seconds: 1,
             concurrencies: [1, 16, 64],
             many_users: 10_000,
             rss_users: 100_000,
@@ -129,6 +132,8 @@ impl Plan {
         Self {
             rounds: 1,
             seconds_per_run: 1,
+            // The smoke run keeps under a minute; its first requests open upstream connections.
+            warm_up_seconds: 0,
             concurrencies: [1, 16, 64],
             many_users: 2_000,
             rss_users: 5_000,
@@ -139,7 +144,7 @@ impl Plan {
             replica_concurrencies: [16, 64],
             replica_storm_users: 300,
             expiry_users: 200,
-            expiry_seconds: 4,
+            expiry_seconds: 2,
         }
     }
 }
@@ -456,14 +461,14 @@ fn run(plan: Plan, quick: bool, tuning: ServerTuning, selection: &Selection) -> 
             })
             .collect::<BenchResult<_>>()?;
         // One discarded run per target fills every upstream pool before measuring.
-        for target in &targets {
+        for target in targets.iter().filter(|_| plan.warm_up_seconds > 0) {
             generator.run(
                 &runtime,
                 target.addr,
                 &target.workload,
                 &target.script,
                 16,
-                1,
+                plan.warm_up_seconds,
             )?;
         }
         access_log.skip(&runtime, gateway.addr())?;
