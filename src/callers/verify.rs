@@ -34,6 +34,8 @@ impl VerifiedCache {
             moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(VERIFIED_TTL)
+                // foldhash, not SipHash: a token is inserted only once fully verified, so a
+                // sender of junk only causes lookups, which cannot grow a collision chain.
                 .build_with_hasher(foldhash::quality::RandomState::default()),
         )
     }

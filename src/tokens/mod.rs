@@ -310,6 +310,8 @@ impl TokenManager {
         // tokens that `max_capacity` bounds anyway.
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
+            // foldhash, not SipHash: only connections an authenticated service named and the
+            // store holds are ever inserted, so nobody outside can grow a collision chain.
             .build_with_hasher(foldhash::quality::RandomState::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
