@@ -42,10 +42,16 @@ pub struct LogWriter {
 
 struct Shared {
     lines: SyncSender<Vec<u8>>,
+    status: Arc<Status>,
+    writer: Thread,
+}
+
+/// What the logging threads and the writer thread both read and change.
+#[derive(Default)]
+struct Status {
     /// Lines sent and not yet taken by the writer thread.
     queued: AtomicUsize,
     stopping: AtomicBool,
-    writer: Thread,
 }
 
 /// Keeps the writer thread running; dropping it writes out every queued line and stops it.
@@ -73,23 +79,18 @@ fn spawn_with_queue(
     queue_lines: usize,
 ) -> std::io::Result<(LogWriter, LogGuard)> {
     let (sender, receiver) = mpsc::sync_channel(queue_lines);
-    let (shared_sender, shared_receiver) = mpsc::sync_channel::<Arc<Shared>>(1);
+    let status = Arc::new(Status::default());
     let thread = std::thread::Builder::new()
         .name("finx-log-writer".into())
-        .spawn(move || {
-            // The shared state names this thread, so it is handed over once it exists.
-            if let Ok(shared) = shared_receiver.recv() {
-                write_batches(&shared, &receiver, output);
-            }
+        .spawn({
+            let status = status.clone();
+            move || write_batches(&status, &receiver, output)
         })?;
     let shared = Arc::new(Shared {
         lines: sender,
-        queued: AtomicUsize::new(0),
-        stopping: AtomicBool::new(false),
+        status,
         writer: thread.thread().clone(),
     });
-    // The thread is alive and waiting for exactly this message.
-    let _ = shared_sender.send(shared.clone());
     Ok((
         LogWriter {
             shared: shared.clone(),
@@ -103,13 +104,13 @@ fn spawn_with_queue(
 }
 
 /// The writer thread: every interval (or when woken), everything queued, then one flush.
-fn write_batches(shared: &Shared, lines: &Receiver<Vec<u8>>, output: impl Write) {
+fn write_batches(status: &Status, lines: &Receiver<Vec<u8>>, output: impl Write) {
     let mut output = std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, output);
     loop {
-        let stopping = shared.stopping.load(Ordering::Acquire);
+        let stopping = status.stopping.load(Ordering::Acquire);
         let mut wrote = false;
         while let Ok(line) = lines.try_recv() {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            status.queued.fetch_sub(1, Ordering::Relaxed);
             // A failing output (a closed stderr) cannot be reported anywhere; the line is lost
             // rather than the gateway stopped.
             let _ = output.write_all(&line);
@@ -129,7 +130,7 @@ impl Write for LogWriter {
     /// Queues one formatted line (the subscriber writes each event in one call).
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let shared = &self.shared;
-        let queued = shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let queued = shared.status.queued.fetch_add(1, Ordering::Relaxed) + 1;
         let sent = match shared.lines.try_send(line.to_vec()) {
             Ok(()) => true,
             Err(TrySendError::Full(line)) => {
@@ -141,7 +142,7 @@ impl Write for LogWriter {
             Err(TrySendError::Disconnected(_)) => false,
         };
         if !sent {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared.status.queued.fetch_sub(1, Ordering::Relaxed);
         } else if self.urgent || queued == self.wake_at_lines {
             shared.writer.unpark();
         }
@@ -172,7 +173,7 @@ impl Drop for LogGuard {
     /// Writes out every line queued so far, then stops the writer thread.
     fn drop(&mut self) {
         if let Some((shared, thread)) = self.running.take() {
-            shared.stopping.store(true, Ordering::Release);
+            shared.status.stopping.store(true, Ordering::Release);
             thread.thread().unpark();
             let _ = thread.join();
         }
